@@ -1,0 +1,42 @@
+# Axon: `make demo` and `make test` set everything up from nothing (venv, CPU torch, the five packages, data).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PACKAGES := shared x_llama transformer dali_ddpm instructgpt_rlhf
+export AXON_DATA ?= $(HOME)/.cache/axon
+# CPU threads for the 2-core reference machine; override on bigger machines.
+export OMP_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: install data test demo bench clean
+
+$(VENV)/.installed: $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# the CPU wheel first: an unpinned torch would pull a multi-GB CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q $(foreach p,$(PACKAGES),-e '$(p)[test]')
+	touch $@
+
+install: $(VENV)/.installed
+
+data: install
+	$(VENV)/bin/axon-data prepare all
+
+test: data
+	$(VENV)/bin/pytest -q
+
+demo: data
+	rm -rf runs/demo && mkdir -p runs/demo
+	$(VENV)/bin/axon-data list --markdown > runs/demo/datasets.md
+	$(PY) -m axon_shared.report runs/demo
+	@echo "report: runs/demo/REPORT.md"
+
+bench: install
+	@for b in benchmarks/*_bench.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

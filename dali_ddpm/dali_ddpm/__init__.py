@@ -1,0 +1,1 @@
+"""dali_ddpm (skeleton)."""

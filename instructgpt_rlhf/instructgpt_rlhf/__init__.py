@@ -1,0 +1,1 @@
+"""instructgpt_rlhf (skeleton)."""

@@ -1,0 +1,153 @@
+"""Layers used by two or more Axon packages.
+
+- `sinusoidal_embedding`: the Transformer's positional encoding (Vaswani et al. 2017, section 3.5) and DDPM's
+  timestep embedding (Ho et al. 2020, appendix B) are the same function with two layouts.
+- `RMSNorm` (Zhang & Sennrich 2019), used by Llama 2.
+- `attention`: scaled dot-product attention (Vaswani et al., eq. 1) over `F.scaled_dot_product_attention`,
+  with grouped key/value heads (Ainslie et al. 2023).
+- `FeedForward` (Vaswani et al., eq. 2) and `SwiGLU` (Shazeer 2020), used by the Transformer and Llama 2.
+
+Mask convention (one for the whole project): a boolean tensor broadcastable to (B, H, T_q, T_k) where
+**True means "may attend"**, exactly as `F.scaled_dot_product_attention` reads a boolean `attn_mask`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def sinusoidal_embedding(
+    positions: Tensor,
+    dim: int,
+    *,
+    max_period: float = 10_000.0,
+    layout: Literal["interleaved", "concat"] = "interleaved",
+    freq_shift: float = 0.0,
+) -> Tensor:
+    """Sinusoids of geometrically spaced frequencies: positions (N,) -> (N, dim), computed in float32.
+
+    Frequency i (of dim/2) is  w_i = max_period^(-i / (dim/2 - freq_shift)).
+    - Transformer PE (Vaswani et al. 3.5): PE[pos, 2i] = sin(pos w_i), PE[pos, 2i+1] = cos(pos w_i):
+      `layout="interleaved", freq_shift=0`.
+    - DDPM timestep embedding (the original TF code, diffusers' `flip_sin_to_cos=False, freq_shift=1`):
+      [sin(t w_0..), cos(t w_0..)]: `layout="concat", freq_shift=1`.
+    """
+    if positions.ndim != 1:
+        raise ValueError(f"positions must be 1-D (N,), got shape {tuple(positions.shape)}")
+    if dim <= 0 or dim % 2:
+        raise ValueError(f"dim must be a positive even number, got {dim}")
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float32, device=positions.device) / (half - freq_shift)
+    frequencies = torch.exp(-math.log(max_period) * exponent)  # (half,)
+    angles = positions.float()[:, None] * frequencies[None, :]  # (N, half)
+    if layout == "concat":
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+    if layout == "interleaved":
+        return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)  # sin, cos, sin, cos, ...
+    raise ValueError(f"layout must be 'interleaved' or 'concat', got {layout!r}")
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), normalised in float32 and cast back (Llama 2's convention)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+def causal_mask(n_queries: int, n_keys: int | None = None, *, device=None) -> Tensor:
+    """(T_q, T_k) boolean mask, True where query i may see key j.
+
+    With a KV cache the queries are the *last* T_q of T_k positions: query i sits at position
+    T_k - T_q + i and sees keys j <= that position.
+    """
+    n_keys = n_queries if n_keys is None else n_keys
+    if n_keys < n_queries:
+        raise ValueError(f"causal_mask needs n_keys >= n_queries, got {n_keys} < {n_queries}")
+    query_pos = torch.arange(n_keys - n_queries, n_keys, device=device)[:, None]
+    key_pos = torch.arange(n_keys, device=device)[None, :]
+    return key_pos <= query_pos
+
+
+def padding_mask(tokens: Tensor, pad_id: int) -> Tensor:
+    """(B, S) tokens -> (B, 1, 1, S) boolean mask, True at real (non-pad) keys."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be (B, S), got shape {tuple(tokens.shape)}")
+    return (tokens != pad_id)[:, None, None, :]
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """softmax(q k^T / sqrt(d_k) + mask) v  (Vaswani et al., eq. 1), with grouped kv heads.
+
+    q: (B, H, T_q, D); k, v: (B, H_kv, T_k, D) with H divisible by H_kv. Query head h reads kv head
+    h // (H / H_kv): consecutive query heads share a kv head (GQA; H_kv = 1 is MQA, H_kv = H is MHA).
+    mask: boolean, broadcastable to (B, H, T_q, T_k), True = may attend. A query row with no key allowed
+    (e.g. a left-pad position) would give NaN; such rows are let attend everywhere instead, and their
+    outputs are meaningless but finite: callers must ignore them.
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be (B, H, T, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    n_heads, n_kv_heads = q.shape[1], k.shape[1]
+    if n_heads % n_kv_heads:
+        raise ValueError(f"query heads ({n_heads}) must be a multiple of kv heads ({n_kv_heads})")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be boolean (True = may attend), got {mask.dtype}")
+        if is_causal:
+            mask = mask & causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+            is_causal = False
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    elif is_causal and q.shape[-2] != k.shape[-2]:
+        mask, is_causal = causal_mask(q.shape[-2], k.shape[-2], device=q.device), False
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=n_heads != n_kv_heads
+    )
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = W2 act(W1 x + b1) + b2 (Vaswani et al., eq. 2; ReLU in the paper, GELU as an option)."""
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str = "relu", dropout: float = 0.0, bias: bool = True):
+        super().__init__()
+        activations = {"relu": nn.ReLU, "gelu": nn.GELU}
+        if activation not in activations:
+            raise ValueError(f"activation must be one of {sorted(activations)}, got {activation!r}")
+        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.activation = activations[activation]()
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU(x) = W2 (silu(W1 x) * W3 x) (Shazeer 2020), bias-free as in Llama 2. Names follow Meta's w1/w2/w3."""
+
+    def __init__(self, dim: int, hidden_dim: int, *, bias: bool = False):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=bias)  # gate
+        self.w3 = nn.Linear(dim, hidden_dim, bias=bias)  # up
+        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)  # down
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
