@@ -42,8 +42,8 @@ def sinusoidal_embedding(
     if dim <= 0 or dim % 2:
         raise ValueError(f"dim must be a positive even number, got {dim}")
     half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=positions.device) / (half - freq_shift)
-    frequencies = torch.exp(-math.log(max_period) * exponent)  # (half,)
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=positions.device)
+    frequencies = torch.exp(exponent / (half - freq_shift))  # (half,)
     angles = positions.float()[:, None] * frequencies[None, :]  # (N, half)
     if layout == "concat":
         return torch.cat([angles.sin(), angles.cos()], dim=-1)

@@ -1,0 +1,141 @@
+"""axon_shared.layers against torch references and direct computations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from axon_shared.layers import FeedForward, RMSNorm, SwiGLU, attention, causal_mask, padding_mask, sinusoidal_embedding
+
+
+def test_sinusoidal_interleaved_matches_paper_formula():
+    # Vaswani et al. 3.5: PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)
+    d, positions = 16, torch.arange(50)
+    pe = sinusoidal_embedding(positions, d)
+    expected = torch.zeros(50, d)
+    for pos in range(50):
+        for i in range(d // 2):
+            angle = pos / 10000 ** (2 * i / d)
+            expected[pos, 2 * i], expected[pos, 2 * i + 1] = math.sin(angle), math.cos(angle)
+    assert_close(pe, expected, atol=1e-5, rtol=0)
+
+
+def test_sinusoidal_concat_matches_diffusers_ddpm_embedding():
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    t = torch.tensor([0, 1, 17, 500, 999])
+    ours = sinusoidal_embedding(t, 128, layout="concat", freq_shift=1)
+    theirs = get_timestep_embedding(t, 128, flip_sin_to_cos=False, downscale_freq_shift=1)
+    assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_sinusoidal_rejects_bad_input():
+    with pytest.raises(ValueError, match="even"):
+        sinusoidal_embedding(torch.arange(3), 7)
+    with pytest.raises(ValueError, match="1-D"):
+        sinusoidal_embedding(torch.zeros(2, 2), 8)
+
+
+def test_rmsnorm_matches_torch():
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(32, eps=1e-5), torch.nn.RMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ref.weight.copy_(ours.weight)
+    x = torch.randn(4, 7, 32) * 3
+    assert_close(ours(x), ref(x))
+
+
+def test_rmsnorm_normalises_in_float32_for_bf16_input():
+    x = torch.randn(2, 64).bfloat16() * 100
+    out = RMSNorm(64)(x)
+    assert out.dtype == torch.float32  # weight is fp32: output promotes, as Llama's reference code does
+    expected = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16().float()
+    assert_close(out, expected)
+
+
+def explicit_attention(q, k, v, mask):
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def test_attention_matches_explicit_softmax_with_causal_and_padding():
+    torch.manual_seed(0)
+    B, H, T, D = 2, 4, 6, 8
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    tokens = torch.tensor([[5, 6, 7, 8, 9, 3], [5, 6, 7, 0, 0, 0]])
+    mask = padding_mask(tokens, pad_id=0)
+    out = attention(q, k, v, mask, is_causal=True)
+    full = mask & causal_mask(T)
+    assert_close(out, explicit_attention(q, k, v, full), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_grouped_heads_equal_repeated_kv():
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 5, 4)
+    k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
+    ours = attention(q, k, v, is_causal=True)
+    # consecutive query heads share a kv head: head h reads kv head h // 4
+    k_rep, v_rep = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
+    assert_close(ours, explicit_attention(q, k_rep, v_rep, causal_mask(5)), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_with_cache_offsets_causal_mask():
+    torch.manual_seed(0)
+    q_all, k, v = torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4)
+    full = attention(q_all, k, v, is_causal=True)
+    last_two = attention(q_all[:, :, -2:], k, v, is_causal=True)  # decoding the last 2 positions with a cache
+    assert_close(last_two, full[:, :, -2:], atol=1e-6, rtol=1e-6)
+
+
+def test_attention_matches_torch_multihead_attention():
+    torch.manual_seed(0)
+    E, H = 16, 4
+    mha = torch.nn.MultiheadAttention(E, H, batch_first=True).eval()
+    x = torch.randn(3, 5, E)
+    key_padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    expected, _ = mha(x, x, x, key_padding_mask=key_padding)
+    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+    split = lambda t: t.view(3, 5, H, E // H).transpose(1, 2)  # noqa: E731
+    q, k, v = split(F.linear(x, w_q, b_q)), split(F.linear(x, w_k, b_k)), split(F.linear(x, w_v, b_v))
+    out = attention(q, k, v, mask=~key_padding[:, None, None, :])
+    out = mha.out_proj(out.transpose(1, 2).reshape(3, 5, E))
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fully_masked_rows_stay_finite():
+    q = k = v = torch.randn(1, 1, 3, 4)
+    mask = torch.tensor([[False, False, False], [True, False, False], [True, True, False]])
+    assert torch.isfinite(attention(q, k, v, mask)).all()
+
+
+def test_attention_rejects_float_masks_and_bad_heads():
+    q = torch.randn(1, 3, 2, 4)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        attention(q, torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4))
+    with pytest.raises(TypeError, match="boolean"):
+        attention(q, q, q, mask=torch.zeros(2, 2))
+
+
+def test_feedforward_matches_explicit_formula():
+    torch.manual_seed(0)
+    ff = FeedForward(8, 32, activation="relu")
+    x = torch.randn(2, 3, 8)
+    expected = F.linear(F.relu(F.linear(x, ff.linear1.weight, ff.linear1.bias)), ff.linear2.weight, ff.linear2.bias)
+    assert_close(ff(x), expected)
+    with pytest.raises(ValueError, match="activation"):
+        FeedForward(8, 32, activation="tanh")
+
+
+def test_swiglu_matches_explicit_formula():
+    torch.manual_seed(0)
+    ff = SwiGLU(8, 24)
+    x = torch.randn(2, 3, 8)
+    gate = x @ ff.w1.weight.T
+    expected = (gate * torch.sigmoid(gate) * (x @ ff.w3.weight.T)) @ ff.w2.weight.T
+    assert_close(ff(x), expected, atol=1e-6, rtol=1e-5)
+    assert all(m.bias is None for m in (ff.w1, ff.w2, ff.w3))
