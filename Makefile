@@ -32,6 +32,10 @@ test: data
 demo: data
 	rm -rf runs/demo && mkdir -p runs/demo
 	$(VENV)/bin/axon-data list --markdown > runs/demo/datasets.md
+	$(VENV)/bin/transformer demo
+	$(VENV)/bin/x-llama demo
+	$(VENV)/bin/dali-ddpm demo
+	$(VENV)/bin/instructgpt-rlhf demo
 	$(PY) -m axon_shared.report runs/demo
 	@echo "report: runs/demo/REPORT.md"
 
