@@ -1,0 +1,153 @@
+"""instructgpt_rlhf.losses against hand-computed values and direct reference computations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from instructgpt_rlhf import losses as L
+
+
+def test_sequence_logprobs_matches_cross_entropy_and_ignores_masked_positions():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g)
+    labels = torch.randint(0, 11, (3, 5), generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [0, 0, 0, 1, 0]])
+    ours = L.sequence_logprobs(logits, labels, mask)
+    ignored = labels.masked_fill(mask == 0, -100)
+    ref = -F.cross_entropy(logits.transpose(1, 2), ignored, ignore_index=-100, reduction="none").sum(-1)
+    assert_close(ours, ref)
+    # whatever sits at masked positions (labels or logits) changes nothing
+    labels2 = torch.where(mask == 1, labels, torch.randint(0, 11, (3, 5), generator=g))
+    logits2 = torch.where(mask.unsqueeze(-1) == 1, logits, 100 * torch.randn(3, 5, 11, generator=g))
+    assert_close(L.sequence_logprobs(logits2, labels2, mask), ours)
+    # fp32 even for bf16 logits
+    assert L.sequence_logprobs(logits.bfloat16(), labels, mask).dtype == torch.float32
+
+
+def test_dpo_loss_hand_values():
+    pc, pr, rc, rr = (torch.tensor([v]) for v in (-1.0, -2.0, -1.5, -1.5))
+    loss, cr, rj = L.dpo_loss(pc, pr, rc, rr, beta=0.5)
+    # h = (-1 + 1.5) - (-2 + 1.5) = 1;  -log sigma(0.5) = log(1 + e^-0.5)
+    assert_close(loss, torch.tensor(math.log1p(math.exp(-0.5))))
+    assert_close(cr, torch.tensor([0.25]))
+    assert_close(rj, torch.tensor([-0.25]))
+    loss_c, _, _ = L.dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1)
+    assert_close(loss_c, torch.tensor(0.9 * math.log1p(math.exp(-0.5)) + 0.1 * math.log1p(math.exp(0.5))))
+    loss_ipo, _, _ = L.dpo_loss(pc, pr, rc, rr, beta=0.25, loss_type="ipo")  # (1 - 1/(2*0.25))^2 = 1
+    assert_close(loss_ipo, torch.tensor(1.0))
+    loss_ipo_norm, _, _ = L.dpo_loss(pc, pr, rc, rr, beta=0.25, loss_type="ipo", chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([4]))
+    assert_close(loss_ipo_norm, torch.tensor((0.5 / 2 + 0.5 / 4 - 2.0) ** 2))
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        L.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="hinge2")
+
+
+def test_dpo_gradient_direction():
+    """The gradient raises log pi(chosen) and lowers log pi(rejected), weighted by sigma(-beta h) (DPO eq. 8)."""
+    pc = torch.tensor([-3.0], requires_grad=True)
+    pr = torch.tensor([-3.0], requires_grad=True)
+    loss, _, _ = L.dpo_loss(pc, pr, torch.tensor([-3.0]), torch.tensor([-3.0]), beta=0.1)
+    loss.backward()
+    assert_close(pc.grad, torch.tensor([-0.1 * 0.5]))
+    assert_close(pr.grad, torch.tensor([0.1 * 0.5]))
+
+
+def test_reward_model_loss_and_all_pairs():
+    c, r = torch.tensor([1.0, 0.0, -2.0]), torch.tensor([0.0, 0.0, 1.0])
+    expected = (math.log1p(math.exp(-1)) + math.log(2) + math.log1p(math.exp(3))) / 3
+    assert_close(L.reward_model_loss(c, r), torch.tensor(expected))
+    assert_close(L.reward_model_loss(c, r, margin=torch.tensor([1.0, 0, 0])), torch.tensor((math.log(2) * 2 + math.log1p(math.exp(3))) / 3))
+    scores = torch.tensor([[0.1, 0.5, -0.3, 0.9], [0.0, 0.0, 1.0, -1.0]])
+    rows, w, l = L.ranked_pairs(scores)
+    assert (rows == 0).sum() == 6 and (rows == 1).sum() == 5  # C(4,2) = 6, one tie dropped in row 1
+    assert bool((scores[rows, w] > scores[rows, l]).all())
+
+
+def _gae_reference(rewards, values, gamma, lam):
+    """Textbook reverse loop on one unpadded episode (python floats)."""
+    T = len(rewards)
+    adv, last = [0.0] * T, 0.0
+    for t in reversed(range(T)):
+        next_v = values[t + 1] if t + 1 < T else 0.0
+        delta = rewards[t] + gamma * next_v - values[t]
+        last = delta + gamma * lam * last
+        adv[t] = last
+    return adv, [a + v for a, v in zip(adv, values)]
+
+
+def test_gae_hand_values():
+    adv, ret = L.gae(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([[0.5, 0.4, 0.3]]), torch.ones(1, 3), gamma=1.0, lam=0.95)
+    # delta = [-0.1, -0.1, 0.7]; A2 = 0.7, A1 = -0.1 + 0.95*0.7 = 0.565, A0 = -0.1 + 0.95*0.565 = 0.43675
+    assert_close(adv, torch.tensor([[0.43675, 0.565, 0.7]]))
+    assert_close(ret, torch.tensor([[0.93675, 0.965, 1.0]]))
+    # lambda = 1, gamma = 1: returns are the (undiscounted) rewards-to-go, whatever the values
+    _, ret1 = L.gae(torch.tensor([[0.2, -0.1, 1.0]]), torch.tensor([[3.0, -2.0, 7.0]]), torch.ones(1, 3), gamma=1.0, lam=1.0)
+    assert_close(ret1, torch.tensor([[1.1, 0.9, 1.0]]))
+
+
+def test_gae_padded_batch_equals_per_episode_reverse_loop():
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 2, 7, 1]
+    T = 9
+    rewards, values = torch.randn(4, T, generator=g), torch.randn(4, T, generator=g)
+    mask = torch.zeros(4, T)
+    starts = [2, 2, 2, 2]  # completions start after a (left-padded) prompt region of 2
+    for i, n in enumerate(lengths):
+        mask[i, starts[i] : starts[i] + n] = 1
+    adv, ret = L.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    for i, n in enumerate(lengths):
+        sl = slice(starts[i], starts[i] + n)
+        a_ref, r_ref = _gae_reference(rewards[i, sl].tolist(), values[i, sl].tolist(), 0.9, 0.8)
+        assert_close(adv[i, sl], torch.tensor(a_ref))
+        assert_close(ret[i, sl], torch.tensor(r_ref))
+        assert float(adv[i][mask[i] == 0].abs().sum()) == 0.0
+
+
+def test_kl_shaped_rewards_hand_values():
+    rewards, kl = L.kl_shaped_rewards(
+        torch.tensor([2.0, -1.0]),
+        torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-1.0, -1.0, 0.0, 0.0]]),
+        torch.tensor([[-1.5, -2.0, -2.0, 0.0], [-2.0, -1.0, 5.0, 5.0]]),
+        torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
+        kl_coef=0.1,
+    )
+    assert_close(kl, torch.tensor([[0.5, 0.0, -1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]))
+    assert_close(rewards, torch.tensor([[-0.05, 0.0, 2.1, 0.0], [-0.1, -1.0, 0.0, 0.0]]))
+
+
+def test_ppo_policy_loss_hand_values():
+    logprobs = torch.log(torch.tensor([[1.5, 0.5, 1.0, 9.0]]))
+    adv = torch.tensor([[1.0, -1.0, 2.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, stats = L.ppo_policy_loss(logprobs, torch.zeros(1, 4), adv, mask, clip_range=0.2)
+    # token 0: max(-1.5, -1.2) = -1.2; token 1: max(0.5, 0.8) = 0.8; token 2: -2; token 3 masked
+    assert_close(loss, torch.tensor(-0.8))
+    assert_close(stats["clipfrac"], torch.tensor(2 / 3))
+    assert_close(stats["approx_kl"], 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2) / 3 * torch.ones(()))
+
+
+def test_ppo_value_loss_hand_values():
+    loss, stats = L.ppo_value_loss(
+        torch.tensor([[1.0, 0.0, 4.0]]), torch.tensor([[0.5, 0.5, 0.0]]), torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([[1, 1, 0]]), 0.2
+    )
+    # token 0: max((1-2)^2, (0.7-2)^2) = 1.69; token 1: max(0, (0.3-0)^2) = 0.09
+    assert_close(loss, torch.tensor(0.5 * (1.69 + 0.09) / 2))
+    assert_close(stats["value_error"], torch.tensor(0.5))
+
+
+def test_whiten_and_adaptive_kl():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, generator=g) * 3 + 2
+    mask = (torch.rand(4, 6, generator=g) > 0.3).float()
+    w = L.masked_whiten(x, mask)
+    vals = w[mask == 1]
+    assert_close(vals.mean(), torch.tensor(0.0), atol=1e-6, rtol=0)
+    assert_close(vals.std(), torch.tensor(1.0), atol=1e-4, rtol=0)
+    assert float(w[mask == 0].abs().sum()) == 0
+    ctl = L.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    assert_close(torch.tensor(ctl.update(12.0, 10)), torch.tensor(0.1 * (1 + 0.2 * 10 / 100)))  # error clipped at 0.2
+    assert_close(torch.tensor(ctl.update(6.0, 10)), torch.tensor(0.1 * (1 + 0.2 * 10 / 100)))  # on target: unchanged
+    fixed = L.AdaptiveKLController(0.05)
+    assert fixed.update(100.0, 10) == 0.05
