@@ -1,0 +1,235 @@
+"""Typed configs for x_llama: the model (`LlamaConfig`, Touvron et al. 2023, table 1/section 2.2) and the
+commands (`TrainConfig`, `GenerateConfig`, `EvaluateConfig`, `DemoConfig`).
+
+CLI flags map onto these dataclasses: `x-llama train --preset cpu --model.dim 128 --train.max_minutes 25`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from axon_shared.config import AxonConfig, require, require_positive
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """SwiGLU hidden size (Llama 2 reference code): 2/3 of 4d, times the multiplier, rounded up to multiple_of.
+
+    The 2/3 keeps the parameter count of a 3-matrix SwiGLU equal to a 2-matrix FFN with hidden 4d
+    (Shazeer 2020, section 2): 3 * d * (2/3 * 4d) = 2 * d * 4d.
+    """
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class LlamaConfig(AxonConfig):
+    """Llama 2 architecture hyperparameters (names follow Meta's `ModelArgs`)."""
+
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = MQA; in between = GQA
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    init_std: float = 0.02  # not in the paper (Meta did not publish its init); see README "Deviations"
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # Touvron et al. 2023, table 1 + the released params.json files.
+        "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=4096),
+        "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, max_seq_len=4096),
+        "llama2-70b": dict(
+            dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096,
+            vocab_size=32000, max_seq_len=4096,
+        ),
+        # CPU sizes (ours): "cpu" for the real pretraining run, "tiny" for unit tests.
+        "cpu": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, multiple_of=64, vocab_size=4096, max_seq_len=256),
+        "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32, vocab_size=512, max_seq_len=128),
+    }
+
+    def validate(self) -> None:
+        require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len", "norm_eps", "rope_theta")
+        require(self.dim % self.n_heads == 0, self, "dim", f"must be divisible by n_heads={self.n_heads}")
+        require(
+            (self.dim // self.n_heads) % 2 == 0, self, "dim",
+            f"head dim dim/n_heads={self.dim // self.n_heads} must be even (RoPE rotates pairs of dimensions)",
+        )
+        if self.n_kv_heads is not None:
+            require(self.n_kv_heads > 0, self, "n_kv_heads", "must be > 0 (or null for n_heads)")
+            require(
+                self.n_heads % self.n_kv_heads == 0, self, "n_kv_heads",
+                f"n_heads={self.n_heads} must be divisible by n_kv_heads (each kv head serves a group of query heads)",
+            )
+        if self.ffn_dim_multiplier is not None:
+            require(self.ffn_dim_multiplier > 0, self, "ffn_dim_multiplier", "must be > 0 (or null)")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    def num_parameters(self) -> int:
+        """Closed-form parameter count (README, "Parameter count"): 2Vd + L(2d^2 + 2d*Hkv*dh + 3d*h + 2d) + d."""
+        d, h, kv = self.dim, self.hidden_dim, self.kv_heads * self.head_dim
+        per_layer = 2 * d * d + 2 * d * kv + 3 * d * h + 2 * d
+        return 2 * self.vocab_size * d + self.n_layers * per_layer + d
+
+
+@dataclass
+class DataConfig(AxonConfig):
+    """Pretraining data: en-text documents -> SentencePiece BPE ids -> random windows of seq_len + 1 tokens."""
+
+    dataset: str = "en-text"
+    seq_len: int = 256
+    batch_size: int = 16
+    tokenizer_chars: int = 8_000_000  # characters of training text the tokenizer is trained on
+    max_train_chars: int | None = None  # cap the pretraining text (tiny runs); None = everything
+    max_valid_chars: int | None = None
+    tokenizer: str | None = None  # path to an existing tokenizer.model; None = train one into out_dir
+
+    def validate(self) -> None:
+        require_positive(self, "seq_len", "batch_size", "tokenizer_chars")
+
+
+@dataclass
+class OptimConfig(AxonConfig):
+    """Optimisation and loop control. Defaults follow Llama 2 section 2.2 where they apply."""
+
+    out_dir: str = "runs/x_llama/cpu"
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decay to 10% of the peak
+    warmup_steps: int = 200
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-5
+    weight_decay: float = 0.1  # on >= 2-D parameters only
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    max_steps: int = 10_000
+    max_minutes: float | None = None  # time budget; stops (and checkpoints) when reached
+    total_steps: int | None = None  # cosine length; None = max_steps
+    eval_every: int = 200
+    eval_batches: int = 20
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 1234
+    device: str = "auto"
+    bf16: bool = False  # autocast matmuls to bfloat16
+    activation_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: FSDP2 fully_shard instead of DDP
+    peak_tflops: float = 0.15  # MFU denominator (TFLOP/s of the hardware); ~0.1-0.19 on this 2-core CPU in fp32
+    progress: bool = True
+
+    def validate(self) -> None:
+        require_positive(self, "lr", "grad_accum", "max_steps", "eval_every", "eval_batches", "checkpoint_every", "log_every", "peak_tflops")
+        require(self.warmup_steps >= 0, self, "warmup_steps", "must be >= 0")
+        require(0 <= self.min_lr_ratio <= 1, self, "min_lr_ratio", "must be in [0, 1]")
+        require(self.grad_clip >= 0, self, "grad_clip", "must be >= 0 (0 disables clipping)")
+        require(self.keep_checkpoints >= 1, self, "keep_checkpoints", "must be >= 1")
+        if self.max_minutes is not None:
+            require(self.max_minutes > 0, self, "max_minutes", "must be > 0 (or null for no time limit)")
+
+
+_TINY_MODEL = LlamaConfig.PRESETS["tiny"]
+_CPU_MODEL = LlamaConfig.PRESETS["cpu"]
+
+
+@dataclass
+class TrainConfig(AxonConfig):
+    """`x-llama train`: model + data + optimisation. `model.vocab_size` is the tokenizer's vocabulary size."""
+
+    model: LlamaConfig = field(default_factory=lambda: LlamaConfig.from_preset("cpu"))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # The real CPU run (README "Results").
+        "cpu": dict(
+            model=_CPU_MODEL,
+            data=dict(seq_len=256, batch_size=16),
+            train=dict(out_dir="runs/x_llama/cpu", lr=1e-3, warmup_steps=200, max_steps=4000, eval_every=250, checkpoint_every=250),
+        ),
+        # Pretrains in well under a minute: unit tests, notebooks, and instructgpt_rlhf's tests.
+        "tiny": dict(
+            model=_TINY_MODEL,
+            data=dict(seq_len=64, batch_size=16, tokenizer_chars=600_000, max_train_chars=1_500_000, max_valid_chars=100_000),
+            train=dict(
+                out_dir="runs/x_llama/tiny", lr=3e-3, warmup_steps=20, max_steps=200, eval_every=100, eval_batches=5,
+                checkpoint_every=100, log_every=10,
+            ),
+        ),
+        # `make demo` (<= 4 minutes).
+        "demo": dict(
+            model=dict(_CPU_MODEL, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=2048),
+            data=dict(seq_len=128, batch_size=16, tokenizer_chars=2_000_000, max_train_chars=6_000_000, max_valid_chars=300_000),
+            train=dict(out_dir="runs/demo/x_llama", lr=2e-3, warmup_steps=50, max_steps=600, max_minutes=2.5, eval_every=150, eval_batches=10, checkpoint_every=150),
+        ),
+    }
+
+    def validate(self) -> None:
+        require(
+            self.data.seq_len <= self.model.max_seq_len, self, "data",
+            f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
+        )
+
+
+@dataclass
+class GenerateConfig(AxonConfig):
+    """`x-llama generate`: sample from a run directory or checkpoint; the prompt from --prompt or stdin."""
+
+    checkpoint: str = "runs/x_llama/cpu"
+    prompt: str | None = None
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = 0.95
+    seed: int = 0
+    use_cache: bool = True
+
+    def validate(self) -> None:
+        require_positive(self, "max_new_tokens")
+        require(self.temperature >= 0, self, "temperature", "must be >= 0 (0 = greedy)")
+        if self.top_k is not None:
+            require(self.top_k > 0, self, "top_k", "must be > 0 (or null)")
+        if self.top_p is not None:
+            require(0 < self.top_p <= 1, self, "top_p", "must be in (0, 1] (or null)")
+
+
+@dataclass
+class EvaluateConfig(AxonConfig):
+    """`x-llama evaluate`: perplexity of a checkpoint on a split of en-text."""
+
+    checkpoint: str = "runs/x_llama/cpu"
+    split: str = "test"
+    batches: int = 50
+    batch_size: int = 16
+    seed: int = 0
+
+    def validate(self) -> None:
+        require_positive(self, "batches", "batch_size")
+        require(self.split in ("train", "valid", "test"), self, "split", "must be train, valid or test")
+
+
+@dataclass
+class DemoConfig(AxonConfig):
+    """`x-llama demo`: a <= 4 minute pretraining run on en-text that writes <out_dir>/REPORT.md."""
+
+    out_dir: str = "runs/demo/x_llama"
+    max_minutes: float = 2.5
+
+    def validate(self) -> None:
+        require_positive(self, "max_minutes")

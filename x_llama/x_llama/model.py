@@ -1,0 +1,252 @@
+"""Llama 2 (Touvron et al. 2023, section 2.2): a pre-norm decoder-only Transformer with RMSNorm, SwiGLU,
+rotary position embeddings and grouped-query attention, plus a key/value cache for decoding.
+
+    h_l   = x_l + W_o Attn(RoPE(W_q n), RoPE(W_k n), W_v n),   n = RMSNorm(x_l)        (Block.forward)
+    x_l+1 = h_l + W_2 (silu(W_1 m) * W_3 m),                   m = RMSNorm(h_l)
+    logits = W_out RMSNorm(x_L)                                                         (Llama.forward)
+
+Parameter names are Meta's (`tok_embeddings`, `layers.N.attention.wq`, `feed_forward.w1`, `output`, ...), and
+the RoPE layout is Meta's interleaved one, so a Meta checkpoint loads without conversion (x_llama.hf).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from axon_shared.layers import RMSNorm, SwiGLU, attention
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import LlamaConfig
+from .rope import apply_rotary, rope_cos_sin
+
+
+class KVCache:
+    """Preallocated keys and values of the *kv heads only*: k, v of shape (n_layers, B, n_kv_heads, max_len, d_head).
+
+    Memory = 2 * n_layers * B * max_len * n_kv_heads * d_head * bytes (README, "KV-cache memory"): GQA with
+    n_kv_heads = n_heads / g needs 1/g of the MHA cache. Slots [0, length) are filled; rows of a left-padded
+    batch mark their pad slots False in `key_mask`, and carry their own next RoPE position (`next_position`).
+    """
+
+    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int | None = None, *, dtype=torch.float32, device=None):
+        max_len = config.max_seq_len if max_len is None else max_len
+        if max_len > config.max_seq_len:
+            raise ValueError(f"KVCache max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}")
+        shape = (config.n_layers, batch_size, config.kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0
+        self.has_padding = False
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the new keys/values (B, H_kv, T, d) at slots [length, length + T) in place; return the filled
+        prefix (views, no copy) of this layer. `Llama.forward` advances `length` after the last layer."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with n_kv_heads key/value heads (GQA, Ainslie et al. 2023) and RoPE on q and k."""
+
+    def __init__(self, config: LlamaConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
+        self.wo.is_residual_projection = True  # initialised with a smaller std (Llama.reset_parameters)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool, cache: KVCache | None) -> Tensor:
+        batch, length, _ = x.shape
+        q = self.wq(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = self.wk(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, d)
+        v = self.wv(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)  # (B, H_kv, S, d), S = cached + T
+        out = attention(q, k, v, mask, is_causal=is_causal)  # softmax(q k^T / sqrt(d)) v, grouped kv heads
+        return self.wo(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + Attn(RMSNorm(x)), then h + SwiGLU(RMSNorm(h))."""
+
+    def __init__(self, config: LlamaConfig, layer_index: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer_index)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = SwiGLU(config.dim, config.hidden_dim)
+        self.feed_forward.w2.is_residual_projection = True
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool, cache: KVCache | None) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, is_causal, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    """tokens (B, T) -> logits (B, T, vocab_size). See the module docstring for the equations."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)  # untied from tok_embeddings
+        self.activation_checkpointing = False
+        cos, sin = self.rope_tables()
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, d_head/2), float32
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    # ---- construction -----------------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """N(0, init_std) weights; residual-output projections (wo, w2) scaled by 1/sqrt(2 n_layers) (GPT-2's
+        rule; Llama 2 does not publish its initialisation); RMSNorm gains 1."""
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, residual_std if getattr(module, "is_residual_projection", False) else std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def rope_tables(self, device=None) -> tuple[Tensor, Tensor]:
+        """cos, sin of m * theta_i for every position m < max_seq_len: (max_seq_len, d_head/2) float32 each."""
+        return rope_cos_sin(self.config.max_seq_len, self.config.head_dim, self.config.rope_theta, device)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        weight = self.tok_embeddings.weight
+        return KVCache(self.config, batch_size, max_len, dtype=weight.dtype, device=weight.device)
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+        *,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Logits (B, T, V) (or (B, 1, V) with last_only). With a cache, `tokens` are the *new* tokens: the cache
+        is appended to. attention_mask (B, T): 1 = real token, 0 = left padding."""
+        h = self.hidden_states(tokens, positions, attention_mask, cache=cache)
+        return self.output(h[:, -1:] if last_only else h)
+
+    def hidden_states(
+        self, tokens: Tensor, positions: Tensor | None = None, attention_mask: Tensor | None = None, *, cache: KVCache | None = None
+    ) -> Tensor:
+        """The backbone: RMSNorm(x_L), (B, T, dim), what the output head (or a reward/value head) reads."""
+        self.check_tokens(tokens, cache)
+        batch, length = tokens.shape
+        start = cache.length if cache is not None else 0
+        if attention_mask is not None:
+            if attention_mask.shape != tokens.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal tokens shape {tuple(tokens.shape)}")
+            attention_mask = attention_mask.to(device=tokens.device, dtype=torch.bool)
+        positions = self._positions(tokens, positions, attention_mask, cache)
+        cos, sin = self._rope(positions, length)
+
+        # Which keys each query may see (True = may attend); causal order is added by `attention`.
+        mask, is_causal = None, True
+        if cache is not None:
+            real = attention_mask if attention_mask is not None else torch.ones_like(tokens, dtype=torch.bool)
+            cache.key_mask[:, start : start + length] = real
+            cache.has_padding = cache.has_padding or not bool(real.all())
+            if cache.has_padding:
+                mask = cache.key_mask[:, None, None, : start + length]  # (B, 1, 1, S)
+            is_causal = length > 1  # one new token may see every filled slot
+        elif attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask[:, None, None, :]  # (B, 1, 1, T)
+
+        x = self.tok_embeddings(tokens)  # (B, T, dim)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, is_causal, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, is_causal, cache)
+        if cache is not None:
+            cache.length += length
+            cache.next_position = positions[:, -1] + 1 if positions is not None else cache.next_position + length
+        return self.norm(x)
+
+    # ---- helpers ----------------------------------------------------------------------------------------------
+    def check_tokens(self, tokens: Tensor, cache: KVCache | None = None) -> None:
+        """Clear errors for inputs the model cannot take (instead of an index error deep inside)."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be (batch, length), got shape {tuple(tokens.shape)}; add a batch axis with tokens[None]")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be integer ids, got {tokens.dtype}")
+        if tokens.shape[1] == 0:
+            raise ValueError("empty input: tokens has length 0; give at least one token (e.g. the BOS id)")
+        total = tokens.shape[1] + (cache.length if cache is not None else 0)
+        limit = cache.max_len if cache is not None else self.config.max_seq_len
+        if total > limit:
+            what = f"cache max_len={limit}" if cache is not None else f"max_seq_len={limit}"
+            raise ValueError(f"sequence of {total} tokens exceeds the model's {what}; truncate the input or use a larger config")
+        if cache is not None and tokens.shape[0] != cache.batch_size:
+            raise ValueError(f"batch size {tokens.shape[0]} does not match the KV cache's batch size {cache.batch_size}")
+        if tokens.device.type != "meta" and tokens.numel():
+            low, high = int(tokens.min()), int(tokens.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(
+                    f"token ids must lie in [0, vocab_size={self.config.vocab_size}); got min {low}, max {high}. "
+                    "Was the text encoded with a different tokenizer, or padded with -1?"
+                )
+
+    def _positions(self, tokens: Tensor, positions: Tensor | None, mask: Tensor | None, cache: KVCache | None) -> Tensor | None:
+        """Per-row RoPE positions (B, T), or None for the common case 0..T-1 shared by all rows."""
+        batch, length = tokens.shape
+        if positions is not None:
+            positions = positions.to(tokens.device).long()
+            return positions.expand(batch, length) if positions.ndim == 1 or positions.shape[0] == 1 else positions
+        offset = cache.next_position[:, None] if cache is not None else 0
+        if mask is not None:  # left padding: the first real token of each row is at position 0
+            return (offset + mask.long().cumsum(1) - 1).clamp(min=0)
+        if cache is not None:
+            return offset + torch.arange(length, device=tokens.device)
+        return None
+
+    def _rope(self, positions: Tensor | None, length: int) -> tuple[Tensor, Tensor]:
+        weight = self.tok_embeddings.weight
+        if self.rope_cos.dtype != torch.float32 or (self.rope_cos.is_meta and not weight.is_meta):
+            # model.to(bfloat16) also casts buffers, and meta-device loading leaves them empty: rebuild in fp32
+            self.rope_cos, self.rope_sin = self.rope_tables(weight.device)
+        if positions is None:
+            return self.rope_cos[:length], self.rope_sin[:length]  # (T, d/2), broadcast over batch and heads
+        if positions.device.type != "meta" and int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(f"position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len} (RoPE table size)")
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d/2)
+
+
+def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross-entropy -1/N sum log p(x_t+1 | x_<=t), in float32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
