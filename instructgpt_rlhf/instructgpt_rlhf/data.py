@@ -115,3 +115,30 @@ def strip_after_eos(ids: Sequence[int], eos_id: int) -> list[int]:
         if int(t) == eos_id:
             break
     return out
+
+
+def snippet_tokens(tokenizer, split: str) -> list[list[int]]:
+    """Token ids (no bos/eos) of the movie snippets of a split, in the dataset's order."""
+    return tokenizer.encode_batch([r["text"] for r in movie_snippets(split)])
+
+
+def split_prompts(tokenizer, split: str, n: int | None, seed: int, min_tokens: int = 2, max_tokens: int = 8) -> list[list[int]]:
+    """`n` prompts from the snippets of `split` (a seeded random subset; all if n is None or larger)."""
+    ids = [t for t in snippet_tokens(tokenizer, split) if len(t) >= 2]
+    if n is not None and n < len(ids):
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        ids = [ids[i] for i in order]
+    return make_prompts(ids, tokenizer.bos_id, min_tokens, max_tokens, seed=seed)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the examples of `step`: epochs are seeded permutations, so a batch is a pure function of step."""
+    out: list[int] = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        take = min(batch_size - len(out), n - offset)
+        out += perm[offset : offset + take].tolist()
+        pos += take
+    return out

@@ -25,10 +25,12 @@ import torch.nn.functional as F
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of `values` over the positions where mask == 1 (over all of them, or along `dim`)."""
-    mask = mask.to(values.dtype)
+    keep = mask.bool()
+    values = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    count = keep.to(values.dtype)
     if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1.0)
-    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+        return values.sum() / count.sum().clamp(min=1.0)
+    return values.sum(dim) / count.sum(dim).clamp(min=1.0)
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
@@ -66,7 +68,8 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, loss_mask: tor
 
     logits (B,T,V) with logits[:, t] predicting labels[:, t]; loss_mask (B,T) 1 on completion tokens (EOS included),
     0 on prompt and padding, so the prompt and pads contribute nothing (whatever the pad id is)."""
-    return (token_logprobs(logits, labels) * loss_mask.float()).sum(-1)
+    logps = token_logprobs(logits, labels)
+    return torch.where(loss_mask.bool(), logps, torch.zeros((), device=logps.device)).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------- DPO
@@ -237,3 +240,9 @@ class AdaptiveKLController:
             error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
             self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Supervised fine-tuning: mean next-token NLL over the completion tokens (EOS included); the prompt and the
+    padding are masked out. logits (B,C,V) predict labels (B,C)."""
+    return -masked_mean(token_logprobs(logits, labels), loss_mask)

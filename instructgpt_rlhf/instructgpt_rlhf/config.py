@@ -1,0 +1,226 @@
+"""Typed configs for each stage: `sft`, `reward`, `ppo`, `dpo`, `evaluate`, `pipeline` and `demo`.
+
+Paper values (InstructGPT, Ouyang et al. 2022, appendix C; DPO, Rafailov et al. 2023, section 6 / appendix B) are
+the defaults where they make sense at our scale; the README's hyperparameter table lists paper vs presets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from axon_shared.config import AxonConfig, require, require_choice, require_positive
+
+
+@dataclass
+class OptimConfig(AxonConfig):
+    """Adam(W) with linear warmup and cosine decay; loop control shared by every stage."""
+
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    batch_size: int = 32
+    max_steps: int = 200
+    max_minutes: float | None = None
+    checkpoint_every: int = 100
+    eval_every: int = 50
+    log_every: int = 10
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        require_positive(self, "lr", "batch_size", "max_steps", "checkpoint_every", "eval_every", "log_every")
+        require(self.warmup_steps >= 0, self, "warmup_steps", "must be >= 0")
+        require(0 <= self.min_lr_ratio <= 1, self, "min_lr_ratio", "must be in [0, 1]")
+        if self.max_minutes is not None:
+            require(self.max_minutes > 0, self, "max_minutes", "must be > 0 (or null)")
+
+
+@dataclass
+class SamplingConfig(AxonConfig):
+    """Prompts (the first min_tokens..max_tokens tokens of a snippet) and completion sampling."""
+
+    min_prompt_tokens: int = 2
+    max_prompt_tokens: int = 8
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # rollouts and preference samples: plain softmax sampling (no top-k/top-p: KL stays >= 0)
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        require_positive(self, "min_prompt_tokens", "max_prompt_tokens", "max_new_tokens", "batch_size")
+        require(self.temperature >= 0, self, "temperature", "must be >= 0 (0 = greedy, evaluation only)")
+        require(self.min_prompt_tokens <= self.max_prompt_tokens, self, "min_prompt_tokens", "must be <= max_prompt_tokens")
+
+
+@dataclass
+class SFTConfig(AxonConfig):
+    """`sft`: supervised fine-tuning of a pretrained x_llama on the movie-review snippets (the demonstrations)."""
+
+    pretrained: str = "runs/instructgpt_rlhf/pretrain"  # an x_llama run dir (or checkpoint)
+    out_dir: str = "runs/instructgpt_rlhf/sft"
+    max_len: int = 64  # tokens per demonstration (bos + snippet + eos), longer ones are truncated
+    max_train: int | None = None  # cap the number of demonstrations (tiny runs)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=30, max_steps=600, batch_size=32, eval_every=100, checkpoint_every=200))
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "cpu": {},
+        "tiny": dict(max_train=256, max_len=40, optim=dict(max_steps=12, batch_size=8, eval_every=6, checkpoint_every=6, warmup_steps=2, progress=False)),
+    }
+
+    def validate(self) -> None:
+        require(self.max_len >= 4, self, "max_len", "must be >= 4")
+
+
+@dataclass
+class RewardConfig(AxonConfig):
+    """`reward`: sample K completions per prompt from the SFT policy, label them with VADER, train the RM."""
+
+    sft: str = "runs/instructgpt_rlhf/sft"
+    out_dir: str = "runs/instructgpt_rlhf/reward"
+    num_prompts: int = 1024  # training prompts (prefixes of train-split snippets)
+    num_valid_prompts: int = 128  # held-out prompts (valid split) for pair accuracy
+    k: int = 4  # completions per prompt -> C(K,2) pairs (InstructGPT: K = 4..9)
+    bt_temperature: float = 0.0  # Bradley-Terry label noise; 0 = the higher ground-truth score always wins
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20, max_steps=400, batch_size=8, eval_every=100, checkpoint_every=200))
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "cpu": {},
+        "tiny": dict(num_prompts=16, num_valid_prompts=8, sampling=dict(max_new_tokens=12, batch_size=16), optim=dict(max_steps=6, batch_size=4, eval_every=3, checkpoint_every=3, warmup_steps=1, progress=False)),
+    }
+
+    def validate(self) -> None:
+        require(self.k >= 2, self, "k", "need at least 2 completions per prompt to form a pair")
+        require_positive(self, "num_prompts", "num_valid_prompts")
+        require(self.bt_temperature >= 0, self, "bt_temperature", "must be >= 0")
+
+
+@dataclass
+class PPOConfig(AxonConfig):
+    """`ppo`: PPO against the reward model with a per-token KL penalty to the SFT policy (InstructGPT eq. 2)."""
+
+    sft: str = "runs/instructgpt_rlhf/sft"
+    reward_model: str = "runs/instructgpt_rlhf/reward"
+    out_dir: str = "runs/instructgpt_rlhf/ppo"
+    num_prompts: int = 4096
+    kl_coef: float = 0.05  # beta (InstructGPT: 0.02)
+    target_kl: float | None = None  # set for the adaptive controller (Ziegler et al. 2019); None = fixed kl_coef
+    kl_horizon: int = 10000
+    ppo_epochs: int = 4
+    minibatch_size: int = 16
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    missing_eos_penalty: float = 1.0  # subtracted from the RM score of a completion that never emitted EOS
+    ptx_coef: float = 0.0  # PPO-ptx gamma (InstructGPT: 27.8); > 0 mixes the pretraining LM loss in
+    ptx_batch_size: int = 8
+    ptx_seq_len: int = 64
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_steps=5, max_steps=60, min_lr_ratio=1.0, eval_every=20, checkpoint_every=20, log_every=1))
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "cpu": {},
+        "tiny": dict(num_prompts=32, ppo_epochs=2, minibatch_size=4, sampling=dict(max_new_tokens=10, batch_size=8), optim=dict(max_steps=3, eval_every=3, checkpoint_every=2, warmup_steps=0, progress=False)),
+    }
+
+    def validate(self) -> None:
+        require(self.kl_coef >= 0, self, "kl_coef", "must be >= 0")
+        require(self.sampling.temperature > 0, self, "sampling", "PPO needs sampling.temperature > 0 (it divides the logits in the loss)")
+        require_positive(self, "ppo_epochs", "minibatch_size", "clip_range", "clip_range_value", "num_prompts")
+        require(0 <= self.lam <= 1, self, "lam", "must be in [0, 1]")
+        require(0 < self.gamma <= 1, self, "gamma", "must be in (0, 1]")
+        require(self.ptx_coef >= 0, self, "ptx_coef", "must be >= 0")
+        require(self.sampling.batch_size % self.minibatch_size == 0, self, "minibatch_size", f"must divide sampling.batch_size={self.sampling.batch_size}")
+        if self.target_kl is not None:
+            require(self.target_kl > 0, self, "target_kl", "must be > 0 (or null for a fixed coefficient)")
+
+
+@dataclass
+class DPOConfig(AxonConfig):
+    """`dpo`: direct preference optimisation on the reward stage's ground-truth-labelled pairs (DPO eq. 7)."""
+
+    sft: str = "runs/instructgpt_rlhf/sft"
+    preferences: str = "runs/instructgpt_rlhf/reward"  # the reward run dir (its preferences_train.jsonl)
+    out_dir: str = "runs/instructgpt_rlhf/dpo"
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid (DPO), ipo
+    label_smoothing: float = 0.0  # > 0: conservative DPO
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=10, max_steps=300, min_lr_ratio=1.0, batch_size=16, eval_every=50, checkpoint_every=100))
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "cpu": {},
+        "tiny": dict(optim=dict(max_steps=4, batch_size=4, eval_every=2, checkpoint_every=2, warmup_steps=0, progress=False)),
+    }
+
+    def validate(self) -> None:
+        require_positive(self, "beta")
+        require_choice(self, "loss_type", ["sigmoid", "ipo"])
+        require(0 <= self.label_smoothing < 0.5, self, "label_smoothing", "must be in [0, 0.5)")
+
+
+@dataclass
+class EvaluateConfig(AxonConfig):
+    """`evaluate`: ground-truth reward, KL to the SFT policy, win rate, RM-vs-truth for each policy."""
+
+    sft: str = "runs/instructgpt_rlhf/sft"
+    reward_model: str | None = "runs/instructgpt_rlhf/reward"
+    policies: tuple[str, ...] = ()  # run dirs of PPO/DPO policies
+    out_dir: str = "runs/instructgpt_rlhf/eval"
+    num_prompts: int = 256  # test-split prompts
+    num_samples: int = 8  # sample completions written to the report per policy
+    seed: int = 1
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"cpu": {}, "tiny": dict(num_prompts=16, num_samples=2, sampling=dict(max_new_tokens=10))}
+
+    def validate(self) -> None:
+        require_positive(self, "num_prompts")
+
+
+@dataclass
+class PipelineConfig(AxonConfig):
+    """`pipeline`: pretrain (x_llama) -> SFT -> RM -> PPO at each kl_coef, DPO at each beta -> evaluate."""
+
+    out_dir: str = "runs/instructgpt_rlhf/cpu"
+    pretrain_preset: str = "demo"  # an x_llama TrainConfig preset
+    pretrain_overrides: dict = field(default_factory=lambda: {"train": {"max_steps": 600, "max_minutes": 5.0}})  # e.g. {"train": {"max_steps": 300}}
+    pretrained: str | None = None  # reuse an existing x_llama run dir instead of pretraining
+    kl_coefs: tuple[float, ...] = (0.02, 0.1)
+    betas: tuple[float, ...] = (0.1, 0.5)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "cpu": {},
+        "tiny": dict(
+            out_dir="runs/instructgpt_rlhf/tiny",
+            pretrain_preset="tiny",
+            pretrain_overrides={"train": {"max_steps": 30, "eval_every": 30, "checkpoint_every": 30, "progress": False}},
+            kl_coefs=(0.05,),
+            betas=(0.1,),
+            sft=SFTConfig.PRESETS["tiny"],
+            reward=RewardConfig.PRESETS["tiny"],
+            ppo=PPOConfig.PRESETS["tiny"],
+            dpo=DPOConfig.PRESETS["tiny"],
+            evaluate=EvaluateConfig.PRESETS["tiny"],
+        ),
+    }
+
+
+@dataclass
+class DemoConfig(AxonConfig):
+    """`demo`: the pipeline at demo scale (<= 4 minutes on 2 cores), writing <out_dir>/REPORT.md."""
+
+    out_dir: str = "runs/demo/instructgpt_rlhf"
+    pretrained: str | None = None

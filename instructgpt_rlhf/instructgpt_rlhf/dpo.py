@@ -1,0 +1,106 @@
+"""Stage 3', DPO (Rafailov et al. 2023): fit the policy to the preference pairs directly, no reward model, no RL.
+
+    L_DPO = -E log sigma( beta log pi(y_w|x)/ref(y_w|x) - beta log pi(y_l|x)/ref(y_l|x) )        (eq. 7)
+
+The pairs are the reward stage's: completions sampled from the SFT model and labelled by the ground truth (every
+untied pair of the K per prompt). ref = the SFT model; its log-probs are computed once up front (it is frozen).
+Log-probs are sums over completion tokens (prompt and padding masked, EOS kept) in fp32. IPO and conservative DPO
+are `loss_type="ipo"` and `label_smoothing > 0`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from axon_shared.seed import seed_everything
+
+from .config import DPOConfig
+from .data import batch_indices, collate, split_prompts
+from .evaluate import measure
+from .labeler import VaderLabeler
+from .loop import make_optimizer, set_threads, train_loop
+from .losses import dpo_loss, sequence_logprobs
+from .model import load_policy, policy_logits, save_model, tokenizer_of
+from .reward import read_jsonl
+from .rollout import completion_logprobs
+
+
+def preference_pairs(records: list[dict]) -> list[tuple[list[int], list[int], list[int]]]:
+    """(prompt, chosen, rejected) for every labelled pair of every record."""
+    return [(r["prompt"], r["completions"][w], r["completions"][l]) for r in records for w, l in r["pairs"]]
+
+
+def pair_logprobs(model, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(chosen|x), log pi(rejected|x)), one forward over the 2B sequences [chosen; rejected]."""
+    prompts = [p for p, _, _ in pairs] * 2
+    completions = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
+    batch = collate(prompts, completions)
+    logps = sequence_logprobs(policy_logits(model, batch), batch.completion_labels, batch.label_mask)
+    return logps.chunk(2)
+
+
+def paths_of(preferences: str) -> tuple[Path, Path]:
+    p = Path(preferences)
+    if p.is_dir():
+        return p / "preferences_train.jsonl", p / "preferences_valid.jsonl"
+    return p, p.with_name(p.name.replace("train", "valid"))
+
+
+def run_dpo(cfg: DPOConfig) -> Path:
+    set_threads()
+    seed_everything(cfg.optim.seed)
+    out_dir = Path(cfg.out_dir)
+    final = out_dir / "policy.safetensors"
+    if final.exists():
+        print(f"dpo: {final} exists, skipping (delete it to retrain)")
+        return out_dir
+    tokenizer = tokenizer_of(cfg.sft)
+    policy = load_policy(cfg.sft)
+    ref = load_policy(cfg.sft).eval().requires_grad_(False)
+    train_path, valid_path = paths_of(cfg.preferences)
+    train = preference_pairs(read_jsonl(train_path))
+    valid = preference_pairs(read_jsonl(valid_path)) if valid_path.exists() else train[:64]
+    with torch.no_grad():  # the frozen reference: once, up front
+        ref_c = completion_logprobs(ref, [p for p, _, _ in train], [c for _, c, _ in train])
+        ref_r = completion_logprobs(ref, [p for p, _, _ in train], [r for _, _, r in train])
+        vref_c = completion_logprobs(ref, [p for p, _, _ in valid], [c for _, c, _ in valid])
+        vref_r = completion_logprobs(ref, [p for p, _, _ in valid], [r for _, _, r in valid])
+    s = json.loads((train_path.parent / "config.json").read_text())["sampling"] if (train_path.parent / "config.json").exists() else {}
+    from .config import SamplingConfig
+
+    sampling = SamplingConfig(**s) if s else SamplingConfig()
+    eval_prompts = split_prompts(tokenizer, "valid", 64, seed=cfg.optim.seed, min_tokens=sampling.min_prompt_tokens, max_tokens=sampling.max_prompt_tokens)
+    labeler = VaderLabeler()
+    optimizer = make_optimizer(policy.parameters(), cfg.optim)
+    bs = cfg.optim.batch_size
+
+    def lengths(idx, which):
+        return torch.tensor([len(train[i][which]) for i in idx])
+
+    def step_fn(step: int) -> dict:
+        idx = batch_indices(len(train), bs, step, cfg.optim.seed)
+        pc, pr = pair_logprobs(policy, [train[i] for i in idx])
+        loss, cr, rr = dpo_loss(
+            pc, pr, ref_c[idx], ref_r[idx], cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+            chosen_lengths=lengths(idx, 1), rejected_lengths=lengths(idx, 2),
+        )
+        loss.backward()
+        return {"loss": loss.item(), "margin": float((cr - rr).mean()), "accuracy": float((cr > rr).float().mean()), "chosen_reward": float(cr.mean()), "rejected_reward": float(rr.mean())}
+
+    @torch.no_grad()
+    def eval_fn(step: int) -> dict:
+        margins = []
+        for start in range(0, len(valid), 32):
+            pc, pr = pair_logprobs(policy, valid[start : start + 32])
+            margins.append(cfg.beta * ((pc - vref_c[start : start + 32]) - (pr - vref_r[start : start + 32])))
+        margin = torch.cat(margins)
+        metrics, _ = measure(policy, ref, tokenizer, eval_prompts, sampling, labeler, seed=cfg.optim.seed)
+        return {"valid_margin": float(margin.mean()), "valid_accuracy": float((margin > 0).float().mean()), **{f"eval_{k}": v for k, v in metrics.items()}}
+
+    metrics = train_loop(name=f"dpo(beta={cfg.beta})", out_dir=out_dir, config=cfg.to_dict(), optim=cfg.optim, model=policy, optimizer=optimizer, step_fn=step_fn, eval_fn=eval_fn)
+    save_model(final, policy, "policy", tokenizer.path, metrics=metrics, extra={"method": "dpo", "beta": cfg.beta, "loss_type": cfg.loss_type})
+    (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"dpo: wrote {final} ({metrics})")
+    return out_dir

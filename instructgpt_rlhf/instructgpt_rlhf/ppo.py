@@ -1,0 +1,175 @@
+"""Stage 3, PPO (Schulman et al. 2017) on the RLHF objective (InstructGPT section 3.5, eq. 2):
+
+    max_pi  E_{x, y~pi} [ r(x, y) - beta log(pi(y|x) / ref(y|x)) ]  +  gamma_ptx E_{x~D_pretrain} [ log pi(x) ]
+
+One iteration: sample a completion per prompt at temperature T (rollout), score it with the RM (minus a penalty if
+it never emitted EOS), shape per-token rewards r_t = -beta (log pi - log ref)_t (+ score at the last token), run
+GAE(gamma, lambda) with the value model (initialised from the RM), whiten the advantages, then `ppo_epochs` passes
+of minibatch updates on the clipped surrogate + clipped value loss (+ gamma_ptx * pretraining LM loss). The same
+temperature divides the logits in the rollout and in the loss. beta is fixed or follows the adaptive controller.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from axon_shared.seed import seed_everything
+from torch import nn
+
+from .config import PPOConfig
+from .data import Batch, batch_indices, collate, split_prompts
+from .evaluate import measure
+from .labeler import VaderLabeler
+from .loop import make_optimizer, set_threads, train_loop
+from .losses import AdaptiveKLController, gae, kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss, token_entropy
+from .model import load_policy, load_scalar_model, policy_values, save_model, tokenizer_of
+from .rollout import decode_texts, per_token_logprobs, sample_completions
+
+
+def pretraining_tokens(tokenizer, max_chars: int = 2_000_000) -> torch.Tensor:
+    """PPO-ptx data: en-text (the pretraining corpus) as one long stream of token ids."""
+    from axon_shared.data import load_split
+
+    texts, total = [], 0
+    for record in load_split("en-text", "train"):
+        texts.append(record["text"])
+        total += len(record["text"])
+        if total >= max_chars:
+            break
+    ids = [t for text in texts for t in tokenizer.encode(text, bos=True)]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def ptx_loss(policy, stream: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tensor:
+    """Pretraining LM loss on random windows (global RNG) of the pretraining stream."""
+    from x_llama import lm_loss
+
+    starts = torch.randint(0, stream.numel() - seq_len - 1, (batch_size,))
+    windows = torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()])
+    return lm_loss(policy(windows[:, :-1]), windows[:, 1:])
+
+
+def sub_batch(batch: Batch, rows: torch.Tensor) -> Batch:
+    return Batch(batch.tokens[rows], batch.attention_mask[rows], batch.completion_mask[rows], batch.prompt_len)
+
+
+def ppo_iteration(policy, ref, value, prompts, score_fn, cfg: PPOConfig, optimizer, kl_ctl: AdaptiveKLController, eos_id: int, ptx_fn=None):
+    """One PPO iteration: rollout -> rewards -> GAE -> `ppo_epochs` passes of minibatch updates.
+    score_fn(batch, completions) -> (B,) sequence scores (the RM; any function in tests). Returns (metrics, completions)."""
+    s, T, mb = cfg.sampling, cfg.sampling.temperature, cfg.minibatch_size
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    # ---- rollout --------------------------------------------------------------------------------------------
+    policy.eval()
+    value.eval()
+    completions = sample_completions(policy, prompts, s, eos_id)
+    batch = collate(prompts, completions)
+    B = len(prompts)
+    mask = batch.label_mask.float()
+    with torch.no_grad():
+        old_logprobs, logits = per_token_logprobs(policy, batch, T)
+        entropy = masked_mean(token_entropy(logits, T), mask)
+        ref_logprobs, _ = per_token_logprobs(ref, batch, T)
+        old_values = policy_values(value, batch)
+        has_eos = torch.tensor([len(c) > 0 and c[-1] == eos_id for c in completions])
+        raw_score = score_fn(batch, completions).float()
+        scores = raw_score - cfg.missing_eos_penalty * (~has_eos).float()
+        rewards, kl = kl_shaped_rewards(scores, old_logprobs, ref_logprobs, mask, kl_ctl.value)
+        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+    # ---- PPO epochs over minibatches -----------------------------------------------------------------------
+    policy.train()
+    value.train()
+    sums: dict[str, float] = {}
+    updates = 0
+    for _ in range(cfg.ppo_epochs):
+        for rows in torch.randperm(B).split(mb):
+            sub = sub_batch(batch, rows)
+            logprobs, _ = per_token_logprobs(policy, sub, T)
+            pg_loss, pg_stats = ppo_policy_loss(logprobs, old_logprobs[rows], advantages[rows], mask[rows], cfg.clip_range)
+            values = policy_values(value, sub)
+            vf_loss, vf_stats = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], cfg.clip_range_value)
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            parts = {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
+            if ptx_fn is not None:  # PPO-ptx: + gamma_ptx * pretraining LM loss
+                lm = ptx_fn()
+                loss = loss + cfg.ptx_coef * lm
+                parts["ptx_loss"] = lm.item()
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            updates += 1
+    seq_kl = kl.sum(-1).mean().item()
+    coef = kl_ctl.value
+    kl_ctl.update(seq_kl, B)
+    metrics = {
+        "score": raw_score.mean().item(),
+        "kl": seq_kl,
+        "kl_coef": coef,
+        "non_score_reward": float((-coef * kl).sum(-1).mean()),
+        "entropy": entropy.item(),
+        "length": float(mask.sum(-1).mean()),
+        "eos_rate": float(has_eos.float().mean()),
+        **{k: v / updates for k, v in sums.items()},
+    }
+    return metrics, completions
+
+
+def run_ppo(cfg: PPOConfig) -> Path:
+    set_threads()
+    seed_everything(cfg.optim.seed)
+    out_dir = Path(cfg.out_dir)
+    final = out_dir / "policy.safetensors"
+    if final.exists():
+        print(f"ppo: {final} exists, skipping (delete it to retrain)")
+        return out_dir
+    tokenizer = tokenizer_of(cfg.sft)
+    eos = tokenizer.eos_id
+    policy = load_policy(cfg.sft)
+    ref = load_policy(cfg.sft).eval().requires_grad_(False)
+    rm = load_scalar_model(cfg.reward_model).eval().requires_grad_(False)
+    value = load_scalar_model(cfg.reward_model)  # value function initialised from the RM
+    s, T = cfg.sampling, cfg.sampling.temperature
+    prompts = split_prompts(tokenizer, "train", cfg.num_prompts, seed=cfg.optim.seed + 7, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
+    eval_prompts = split_prompts(tokenizer, "valid", 64, seed=cfg.optim.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
+    models = nn.ModuleDict({"policy": policy, "value": value})
+    optimizer = make_optimizer(models.parameters(), cfg.optim)
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    stream = pretraining_tokens(tokenizer) if cfg.ptx_coef > 0 else None
+    labeler = VaderLabeler()
+    B = s.batch_size
+
+    def score_fn(batch, completions):
+        return rm.score(batch.tokens, batch.attention_mask)
+
+    def ptx_fn():
+        return ptx_loss(policy, stream, cfg.ptx_batch_size, cfg.ptx_seq_len)
+
+    def step_fn(step: int) -> dict:
+        batch_prompts = [prompts[i] for i in batch_indices(len(prompts), B, step, cfg.optim.seed)]
+        metrics, completions = ppo_iteration(
+            policy, ref, value, batch_prompts, score_fn, cfg, optimizer, kl_ctl, eos, ptx_fn if stream is not None else None
+        )
+        truth = labeler(decode_texts(tokenizer, batch_prompts, completions))
+        metrics["reward"] = float(sum(truth) / len(truth))  # ground truth (VADER), for the log only
+        return metrics
+
+    def eval_fn(step: int) -> dict:
+        metrics, _ = measure(policy, ref, tokenizer, eval_prompts, s, labeler, seed=cfg.optim.seed)
+        return {f"eval_{k}": v for k, v in metrics.items()}
+
+    metrics = train_loop(
+        name=f"ppo(kl={cfg.kl_coef})", out_dir=out_dir, config=cfg.to_dict(), optim=cfg.optim, model=models, optimizer=optimizer,
+        step_fn=step_fn, eval_fn=eval_fn, self_stepping=True,
+        extra_state=lambda: {"kl_coef": kl_ctl.value}, load_extra_state=lambda extra: setattr(kl_ctl, "value", extra["kl_coef"]),
+    )
+    save_model(final, policy, "policy", tokenizer.path, metrics=metrics, extra={"method": "ppo", "kl_coef": cfg.kl_coef, "ptx_coef": cfg.ptx_coef})
+    (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"ppo: wrote {final} ({metrics})")
+    return out_dir

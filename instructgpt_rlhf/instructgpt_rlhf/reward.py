@@ -1,0 +1,145 @@
+"""Stage 2, the reward model (InstructGPT section 3.5 "RM"), on preference data labelled by the ground truth.
+
+Preference data (DPO paper section 6.1): for each prompt, K completions sampled from the SFT policy, scored by
+VADER; every one of the C(K,2) pairs is labelled by the scores (optionally with Bradley-Terry noise). The RM is the
+SFT model's backbone + a scalar head; all K completions of a prompt go through the network once and the loss
+averages -log sigma(r_w - r_l) over the prompt's pairs (InstructGPT eq. 1). Finally its bias is shifted so that SFT
+samples score 0 on average (InstructGPT: "normalized so that the labeler demonstrations achieve a mean score of 0").
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from axon_shared.seed import seed_everything
+
+from .config import RewardConfig, SamplingConfig
+from .data import batch_indices, collate, split_prompts
+from .labeler import VaderLabeler, bradley_terry_labels, pearson
+from .loop import make_optimizer, set_threads, train_loop
+from .losses import reward_model_loss
+from .model import ScalarHeadModel, load_policy, save_model, tokenizer_of
+from .rollout import decode_texts, sample_completions
+
+
+def build_preferences(policy, tokenizer, prompts, k: int, sampling: SamplingConfig, bt_temperature: float, seed: int) -> list[dict]:
+    """[{"prompt", "completions" (K), "texts", "scores" (VADER), "pairs" [(winner, loser), ...]}] per prompt."""
+    labeler = VaderLabeler()
+    repeated = [p for p in prompts for _ in range(k)]
+    completions = sample_completions(policy, repeated, sampling, tokenizer.eos_id)
+    texts = decode_texts(tokenizer, repeated, completions)
+    scores = labeler(texts)
+    g = torch.Generator().manual_seed(seed)
+    records = []
+    for i, prompt in enumerate(prompts):
+        sl = slice(i * k, (i + 1) * k)
+        s = scores[sl]
+        pairs = []
+        for a, b in itertools.combinations(range(k), 2):
+            if s[a] == s[b] and bt_temperature <= 0:
+                continue  # a tie carries no preference
+            a_wins = bool(bradley_terry_labels(torch.tensor(s[a]), torch.tensor(s[b]), bt_temperature, g))
+            pairs.append((a, b) if a_wins else (b, a))
+        records.append({"prompt": list(prompt), "completions": completions[sl], "texts": texts[sl], "scores": s, "pairs": pairs})
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no preference data at {path}; run `instructgpt-rlhf reward` first (it samples and labels them)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def rm_scores(rm: ScalarHeadModel, records: list[dict]) -> torch.Tensor:
+    """(N, K) reward-model scores of every completion of every record (one forward over the N*K sequences)."""
+    prompts = [r["prompt"] for r in records for _ in r["completions"]]
+    completions = [c for r in records for c in r["completions"]]
+    batch = collate(prompts, completions)
+    return rm.score(batch.tokens, batch.attention_mask).view(len(records), -1)
+
+
+@torch.no_grad()
+def pair_accuracy(rm: ScalarHeadModel, records: list[dict]) -> dict:
+    """Held-out accuracy on every untied pair judged by the true scores, and corr(RM, VADER) over completions."""
+    correct = total = 0
+    all_rm, all_gt = [], []
+    for start in range(0, len(records), 16):
+        chunk = records[start : start + 16]
+        scores = rm_scores(rm, chunk)
+        for r, row in zip(chunk, scores):
+            for a, b in itertools.combinations(range(len(r["scores"])), 2):
+                if r["scores"][a] == r["scores"][b]:
+                    continue
+                total += 1
+                correct += int((row[a] > row[b]) == (r["scores"][a] > r["scores"][b]))
+            all_rm += row.tolist()
+            all_gt += r["scores"]
+    return {"accuracy": correct / max(total, 1), "pairs": total, "rm_vs_truth_pearson": pearson(all_rm, all_gt)}
+
+
+def run_reward(cfg: RewardConfig) -> Path:
+    set_threads()
+    seed_everything(cfg.optim.seed)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / "reward.safetensors"
+    if final.exists():
+        print(f"reward: {final} exists, skipping (delete it to retrain)")
+        return out_dir
+    policy = load_policy(cfg.sft).eval()
+    tokenizer = tokenizer_of(cfg.sft)
+    s = cfg.sampling
+    files = {"train": (out_dir / "preferences_train.jsonl", cfg.num_prompts), "valid": (out_dir / "preferences_valid.jsonl", cfg.num_valid_prompts)}
+    data = {}
+    for split, (path, n) in files.items():
+        if not path.exists():
+            prompts = split_prompts(tokenizer, split, n, seed=cfg.optim.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
+            records = build_preferences(policy, tokenizer, prompts, cfg.k, s, cfg.bt_temperature, cfg.optim.seed)
+            write_jsonl(path, records)
+            print(f"reward: sampled and labelled {len(records)} x {cfg.k} completions -> {path}")
+        data[split] = read_jsonl(path)
+    train = [r for r in data["train"] if r["pairs"]]
+    valid = data["valid"]
+
+    seed_everything(cfg.optim.seed)
+    rm = ScalarHeadModel.from_policy(policy)
+    del policy
+    optimizer = make_optimizer(rm.parameters(), cfg.optim)
+    bs = cfg.optim.batch_size
+
+    def step_fn(step: int) -> dict:
+        chunk = [train[i] for i in batch_indices(len(train), bs, step, cfg.optim.seed)]
+        scores = rm_scores(rm, chunk)  # (B, K): K completions per prompt in one pass
+        rows = torch.tensor([i for i, r in enumerate(chunk) for _ in r["pairs"]])
+        win = torch.tensor([w for r in chunk for w, _ in r["pairs"]])
+        lose = torch.tensor([l for r in chunk for _, l in r["pairs"]])
+        chosen, rejected = scores[rows, win], scores[rows, lose]
+        loss = reward_model_loss(chosen, rejected)  # mean over the C(K,2) pairs of each prompt
+        loss.backward()
+        return {"loss": loss.item(), "accuracy": float((chosen > rejected).float().mean())}
+
+    def eval_fn(step: int) -> dict:
+        return {f"valid_{k}": v for k, v in pair_accuracy(rm, valid).items()}
+
+    metrics = train_loop(name="reward", out_dir=out_dir, config=cfg.to_dict(), optim=cfg.optim, model=rm, optimizer=optimizer, step_fn=step_fn, eval_fn=eval_fn)
+    # bias normalisation: SFT samples (the training completions) score 0 on average
+    with torch.no_grad():
+        rm.eval()
+        means = [rm_scores(rm, train[i : i + 16]).mean() for i in range(0, min(len(train), 256), 16)]
+        shift = float(torch.stack(means).mean())
+        rm.head.bias -= shift
+    metrics = {**metrics, "bias_shift": shift}
+    save_model(final, rm, "reward", tokenizer.path, metrics=metrics)
+    (out_dir / "reward_metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"reward: wrote {final} ({metrics})")
+    return out_dir
