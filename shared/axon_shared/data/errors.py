@@ -1,0 +1,7 @@
+"""The one error type of the data pipeline."""
+
+from __future__ import annotations
+
+
+class DataSourceError(RuntimeError):
+    """A dataset's raw source could not be fetched or read (registry down, tool missing, bad archive)."""
