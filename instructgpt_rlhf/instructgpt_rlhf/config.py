@@ -65,7 +65,7 @@ class SFTConfig(AxonConfig):
     max_len: int = 64  # tokens per demonstration (bos + snippet + eos), longer ones are truncated
     max_train: int | None = None  # cap the number of demonstrations (tiny runs)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=30, max_steps=600, batch_size=32, eval_every=100, checkpoint_every=200))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=30, max_steps=600, batch_size=32, eval_every=100, checkpoint_every=100, max_minutes=6.0))
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
@@ -87,7 +87,7 @@ class RewardConfig(AxonConfig):
     k: int = 4  # completions per prompt -> C(K,2) pairs (InstructGPT: K = 4..9)
     bt_temperature: float = 0.0  # Bradley-Terry label noise; 0 = the higher ground-truth score always wins
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20, max_steps=400, batch_size=8, eval_every=100, checkpoint_every=200))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20, max_steps=400, batch_size=8, eval_every=100, checkpoint_every=100, max_minutes=4.0))
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
@@ -111,7 +111,7 @@ class PPOConfig(AxonConfig):
     kl_coef: float = 0.05  # beta (InstructGPT: 0.02)
     target_kl: float | None = None  # set for the adaptive controller (Ziegler et al. 2019); None = fixed kl_coef
     kl_horizon: int = 10000
-    ppo_epochs: int = 4
+    ppo_epochs: int = 2
     minibatch_size: int = 16
     clip_range: float = 0.2
     clip_range_value: float = 0.2
@@ -124,7 +124,7 @@ class PPOConfig(AxonConfig):
     ptx_batch_size: int = 8
     ptx_seq_len: int = 64
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-5, warmup_steps=5, max_steps=60, min_lr_ratio=1.0, eval_every=20, checkpoint_every=20, log_every=1))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=5, max_steps=50, min_lr_ratio=1.0, eval_every=10, checkpoint_every=10, log_every=1, max_minutes=6.0))
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
@@ -153,7 +153,7 @@ class DPOConfig(AxonConfig):
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid (DPO), ipo
     label_smoothing: float = 0.0  # > 0: conservative DPO
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=10, max_steps=300, min_lr_ratio=1.0, batch_size=16, eval_every=50, checkpoint_every=100))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=10, max_steps=300, min_lr_ratio=1.0, batch_size=16, eval_every=50, checkpoint_every=50, max_minutes=4.0))
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
@@ -193,7 +193,7 @@ class PipelineConfig(AxonConfig):
     pretrain_preset: str = "demo"  # an x_llama TrainConfig preset
     pretrain_overrides: dict = field(default_factory=lambda: {"train": {"max_steps": 600, "max_minutes": 5.0}})  # e.g. {"train": {"max_steps": 300}}
     pretrained: str | None = None  # reuse an existing x_llama run dir instead of pretraining
-    kl_coefs: tuple[float, ...] = (0.02, 0.1)
+    kl_coefs: tuple[float, ...] = (0.05, 0.2)
     betas: tuple[float, ...] = (0.1, 0.5)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
