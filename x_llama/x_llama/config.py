@@ -133,6 +133,7 @@ class OptimConfig(AxonConfig):
     fsdp: bool = False  # under torchrun: FSDP2 fully_shard instead of DDP
     peak_tflops: float = 0.15  # MFU denominator (TFLOP/s of the hardware); ~0.1-0.19 on this 2-core CPU in fp32
     progress: bool = True
+    threads: int = 0  # torch threads during training (restored afterwards); 0 = leave as is; env AXON_THREADS wins
 
     def validate(self) -> None:
         require_positive(self, "lr", "grad_accum", "max_steps", "eval_every", "eval_batches", "checkpoint_every", "log_every", "peak_tflops")
@@ -160,8 +161,8 @@ class TrainConfig(AxonConfig):
         # The real CPU run (README "Results").
         "cpu": dict(
             model=_CPU_MODEL,
-            data=dict(seq_len=256, batch_size=16),
-            train=dict(out_dir="runs/x_llama/cpu", lr=1e-3, warmup_steps=200, max_steps=4000, eval_every=250, checkpoint_every=250),
+            data=dict(seq_len=256, batch_size=16, tokenizer_chars=4_000_000),
+            train=dict(out_dir="runs/x_llama/cpu", lr=1.5e-3, warmup_steps=50, max_steps=700, eval_every=100, eval_batches=10, checkpoint_every=100),
         ),
         # Pretrains in well under a minute: unit tests, notebooks, and instructgpt_rlhf's tests.
         "tiny": dict(
@@ -169,7 +170,7 @@ class TrainConfig(AxonConfig):
             data=dict(seq_len=64, batch_size=16, tokenizer_chars=600_000, max_train_chars=1_500_000, max_valid_chars=100_000),
             train=dict(
                 out_dir="runs/x_llama/tiny", lr=3e-3, warmup_steps=20, max_steps=200, eval_every=100, eval_batches=5,
-                checkpoint_every=100, log_every=10,
+                checkpoint_every=100, log_every=10, threads=1,
             ),
         ),
         # `make demo` (<= 4 minutes).
@@ -200,6 +201,8 @@ class GenerateConfig(AxonConfig):
     seed: int = 0
     use_cache: bool = True
 
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"sample": {}, "greedy": dict(temperature=0.0, top_k=None, top_p=None)}
+
     def validate(self) -> None:
         require_positive(self, "max_new_tokens")
         require(self.temperature >= 0, self, "temperature", "must be >= 0 (0 = greedy)")
@@ -219,6 +222,8 @@ class EvaluateConfig(AxonConfig):
     batch_size: int = 16
     seed: int = 0
 
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"test": {}, "valid": dict(split="valid")}
+
     def validate(self) -> None:
         require_positive(self, "batches", "batch_size")
         require(self.split in ("train", "valid", "test"), self, "split", "must be train, valid or test")
@@ -230,6 +235,8 @@ class DemoConfig(AxonConfig):
 
     out_dir: str = "runs/demo/x_llama"
     max_minutes: float = 2.5
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}
 
     def validate(self) -> None:
         require_positive(self, "max_minutes")

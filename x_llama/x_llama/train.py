@@ -34,8 +34,8 @@ from .model import Llama, lm_loss
 SAMPLE_PROMPTS = ("In the beginning", "To be, or not to be", "It is a truth universally acknowledged", "And the LORD said")
 
 
-def set_threads() -> None:
-    threads = int(os.environ.get("AXON_THREADS", 0))
+def set_threads(default: int = 0) -> None:
+    threads = int(os.environ.get("AXON_THREADS", 0)) or default
     if threads:
         torch.set_num_threads(threads)
 
@@ -75,7 +75,15 @@ def _autocast(device: torch.device, enabled: bool):
 
 def train(cfg: TrainConfig) -> Path:
     """Pretrain, resuming from the latest checkpoint in cfg.train.out_dir if there is one; return the run dir."""
-    set_threads()
+    threads_before = torch.get_num_threads()
+    set_threads(cfg.train.threads)
+    try:
+        return _train(cfg)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(cfg: TrainConfig) -> Path:
     opt = cfg.train
     out_dir = Path(opt.out_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -142,7 +150,7 @@ def train(cfg: TrainConfig) -> Path:
                 with _autocast(ctx.device, opt.bf16):
                     loss = lm_loss(wrapped(inputs), targets) / opt.grad_accum  # mean over the accumulated batch
                 loss.backward()
-            window_loss += float(loss)
+            window_loss += float(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip) if opt.grad_clip > 0 else torch.tensor(0.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -191,7 +199,8 @@ def _write_samples(model: Llama, tokenizer: Tokenizer, out_dir: Path, max_new_to
         ids = tokenizer.encode(prompt, bos=True)
         budget = min(max_new_tokens, model.config.max_seq_len - len(ids))
         new = generate(model, [ids], budget, temperature=0.8, top_k=50, eos_id=tokenizer.eos_id, generator=generator)[0]
-        lines.append(f"**{prompt}**{tokenizer.decode(new) if tokenizer.decode(new).startswith(' ') else ' ' + tokenizer.decode(new)}")
+        prefix = tokenizer.decode(ids)
+        lines.append(f"**{prefix}**{tokenizer.decode(ids + new)[len(prefix):]}")
     (out_dir / "samples.md").write_text("\n\n".join(lines) + "\n")
 
 

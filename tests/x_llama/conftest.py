@@ -1,0 +1,39 @@
+"""Shared fixtures for the x_llama tests: tiny configs and one small en-text tokenizer per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from x_llama import LlamaConfig, Llama
+
+
+@pytest.fixture
+def tiny_config() -> LlamaConfig:
+    return LlamaConfig.from_preset("tiny", vocab_size=97, max_seq_len=64)
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> Llama:
+    torch.manual_seed(0)
+    return Llama(tiny_config).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory):
+    """A 512-piece SentencePiece BPE tokenizer trained on 300k characters of en-text."""
+    from x_llama.config import DataConfig
+    from x_llama.data import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(DataConfig(tokenizer_chars=300_000), 512, out)
+    return out / "tokenizer.model"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the 2-core machine is shared); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

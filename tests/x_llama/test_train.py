@@ -1,0 +1,118 @@
+"""Training: overfitting one batch, exact resume, the optimizer groups, load_pretrained and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from axon_shared.checkpoint import latest_checkpoint, load_checkpoint
+from torch.testing import assert_close
+
+from x_llama import Llama, LlamaConfig, TrainConfig, generate, lm_loss, load_pretrained
+from x_llama.cli import main
+from x_llama.train import param_groups, train
+
+
+def small_train_config(out_dir, tokenizer_path, **train_overrides) -> TrainConfig:
+    return TrainConfig.from_preset(
+        "tiny",
+        model={"n_layers": 1, "max_seq_len": 32},
+        data={"seq_len": 16, "batch_size": 4, "tokenizer": str(tokenizer_path), "max_train_chars": 200_000, "max_valid_chars": 20_000},
+        train={"out_dir": str(out_dir), "warmup_steps": 2, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 3,
+               "log_every": 1, "progress": False, **train_overrides},
+    )
+
+
+def test_overfits_a_single_batch():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=64, max_seq_len=32))
+    batch = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = lm_loss(model(batch[:, :-1]), batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert float(loss.detach()) < 0.05, float(loss.detach())
+    # it now reproduces the batch greedily from its first token
+    assert generate(model, [batch[0, :1].tolist()], 16)[0] == batch[0, 1:].tolist()
+
+
+def test_weight_decay_only_on_matrices(tiny_model):
+    decay, no_decay = param_groups(tiny_model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(no_decay["params"]) == 2 * tiny_model.config.n_layers + 1  # the RMSNorm gains
+
+
+def test_resume_is_bit_exact(tmp_path, tokenizer_path):
+    """Run A: 6 steps. Run B: 3 steps, stop, resume to 6. Parameters and optimizer state are identical."""
+    uninterrupted = train(small_train_config(tmp_path / "a", tokenizer_path, max_steps=6))
+    interrupted = small_train_config(tmp_path / "b", tokenizer_path, max_steps=3, total_steps=6)
+    train(interrupted)
+    assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step_00000003.safetensors"
+    resumed = train(interrupted.replace(train={"max_steps": 6}))
+    a = load_checkpoint(latest_checkpoint(uninterrupted / "checkpoints"))
+    b = load_checkpoint(latest_checkpoint(resumed / "checkpoints"))
+    assert a.step == b.step == 6
+    for group in ("model", "optimizer"):
+        assert a.tensors[group].keys() == b.tensors[group].keys()
+        for name, tensor in a.tensors[group].items():
+            assert torch.equal(tensor, b.tensors[group][name]), f"{group}/{name}"
+    # the metrics log of the resumed run reads like the uninterrupted one
+    steps_a = [json.loads(l)["step"] for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    steps_b = [json.loads(l)["step"] for l in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps_a == steps_b
+
+
+def test_resuming_with_another_model_config_is_refused(tmp_path, tokenizer_path):
+    from axon_shared.checkpoint import CheckpointError
+
+    config = small_train_config(tmp_path / "run", tokenizer_path, max_steps=1)
+    train(config)
+    with pytest.raises(CheckpointError, match="different model config"):
+        train(config.replace(model={"dim": 32, "n_heads": 2, "n_kv_heads": 1}, train={"max_steps": 2}))
+
+
+def test_loss_falls_and_load_pretrained_round_trips(tmp_path, tokenizer_path):
+    run = train(small_train_config(tmp_path / "run", tokenizer_path, max_steps=40, lr=1e-2, eval_every=40, checkpoint_every=40))
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0] - 0.5
+    for name in ("config.json", "loss.png", "samples.md"):
+        assert (run / name).is_file(), name
+    model, tokenizer, config = load_pretrained(run)
+    assert config.n_layers == 1 and tokenizer.vocab_size == 512 and not model.training
+    checkpoint = load_checkpoint(latest_checkpoint(run / "checkpoints"))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, checkpoint.tensors["model"][name])
+    ids = tokenizer.encode("And God said", bos=True)
+    assert len(generate(model, [ids], 5)[0]) == 5
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_config):
+    torch.manual_seed(0)
+    model = Llama(tiny_config).train()
+    tokens = torch.randint(0, tiny_config.vocab_size, (2, 12))
+    lm_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.activation_checkpointing = True
+    lm_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    for before, parameter in zip(plain, model.parameters()):
+        assert_close(parameter.grad, before, atol=1e-6, rtol=0)
+
+
+def test_cli_train_generate_evaluate(tmp_path, tokenizer_path, capsys):
+    out = tmp_path / "cli"
+    main(["train", "--preset", "tiny", "--model.n_layers", "1", "--data.seq_len", "16", "--data.batch_size", "4",
+          "--data.tokenizer", str(tokenizer_path), "--data.max_train_chars", "100000", "--data.max_valid_chars", "20000",
+          "--train.max_steps", "2", "--train.eval_batches", "1", "--train.progress", "false", "--train.out_dir", str(out)])
+    assert latest_checkpoint(out / "checkpoints") is not None
+    main(["generate", "--checkpoint", str(out), "--prompt", "In the beginning", "--max_new_tokens", "5"])
+    assert capsys.readouterr().out.startswith("In the beginning")
+    main(["evaluate", "--checkpoint", str(out), "--split", "valid", "--batches", "2", "--batch_size", "2"])
+    assert "perplexity" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=r"OptimConfig\.max_steps"):
+        main(["train", "--preset", "tiny", "--train.max_steps", "0"])
