@@ -7,8 +7,8 @@ import torch
 from torch.testing import assert_close
 
 from x_llama.rope import (
-    apply_rotary, apply_rotary_complex, apply_rotary_half, meta_to_half_permutation, permute_for_half,
-    permute_for_interleaved, rope_cos_sin,
+    apply_rotary, apply_rotary_complex, apply_rotary_half, interleaved_tables, meta_to_half_permutation,
+    permute_for_half, permute_for_interleaved, rope_cos_sin,
 )
 
 
@@ -16,8 +16,13 @@ def test_real_rotation_equals_complex_multiplication():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 11, 16)
     positions = torch.arange(11)
-    cos, sin = rope_cos_sin(11, 16)
+    cos, sin = interleaved_tables(*rope_cos_sin(11, 16))
     assert_close(apply_rotary(x, cos, sin), apply_rotary_complex(x, positions), atol=1e-6, rtol=0)
+    # and the textbook pairwise formula
+    c, s = rope_cos_sin(11, 16)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    textbook = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    assert_close(apply_rotary(x, cos, sin), textbook, atol=1e-6, rtol=0)
 
 
 def test_interleaved_and_half_layouts_differ_by_the_permutation():

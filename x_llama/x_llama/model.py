@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
-from .rope import apply_rotary, rope_cos_sin
+from .rope import apply_rotary, interleaved_tables, rope_cos_sin
 
 
 class KVCache:
@@ -117,7 +117,7 @@ class Llama(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)  # untied from tok_embeddings
         self.activation_checkpointing = False
         cos, sin = self.rope_tables()
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, d_head/2), float32
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, d_head), float32
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
@@ -136,8 +136,9 @@ class Llama(nn.Module):
                 nn.init.ones_(module.weight)
 
     def rope_tables(self, device=None) -> tuple[Tensor, Tensor]:
-        """cos, sin of m * theta_i for every position m < max_seq_len: (max_seq_len, d_head/2) float32 each."""
-        return rope_cos_sin(self.config.max_seq_len, self.config.head_dim, self.config.rope_theta, device)
+        """cos, sin of m * theta_i for every position m < max_seq_len, laid out for `apply_rotary`:
+        (max_seq_len, d_head) float32 each."""
+        return interleaved_tables(*rope_cos_sin(self.config.max_seq_len, self.config.head_dim, self.config.rope_theta, device))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -241,10 +242,10 @@ class Llama(nn.Module):
             # model.to(bfloat16) also casts buffers, and meta-device loading leaves them empty: rebuild in fp32
             self.rope_cos, self.rope_sin = self.rope_tables(weight.device)
         if positions is None:
-            return self.rope_cos[:length], self.rope_sin[:length]  # (T, d/2), broadcast over batch and heads
+            return self.rope_cos[:length], self.rope_sin[:length]  # (T, d), broadcast over batch and heads
         if positions.device.type != "meta" and int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len} (RoPE table size)")
-        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d/2)
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
 
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:

@@ -32,17 +32,25 @@ def rope_cos_sin(max_positions: int, head_dim: int, theta: float = 10000.0, devi
     return angles.cos(), angles.sin()
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each plane (x_{2i}, x_{2i+1}) by the angle whose cos/sin are given (interleaved layout).
+def interleaved_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """(M, d/2) cos/sin -> (M, d) tables for `apply_rotary`: [c0, c0, c1, c1, ...] and [-s0, s0, -s1, s1, ...]."""
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
 
-    x: (B, H, T, d); cos, sin: (B, 1, T, d/2) or (T, d/2), float32. Computed in float32, returned in x.dtype:
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each plane (x_{2i}, x_{2i+1}) by the angle m theta_i (interleaved layout, RoFormer eq. 34):
+
         y_{2i}   = x_{2i} cos - x_{2i+1} sin
-        y_{2i+1} = x_{2i} sin + x_{2i+1} cos          (RoFormer eq. 34; = (x_{2i} + i x_{2i+1}) e^{i m theta_i})
+        y_{2i+1} = x_{2i} sin + x_{2i+1} cos        (= (x_{2i} + i x_{2i+1}) e^{i m theta_i})
+
+    computed as y = x * [c0, c0, ...] + swap(x) * [-s0, s0, ...] with swap exchanging each pair, which needs
+    3 element-wise kernels. x: (B, H, T, d); cos, sin from `interleaved_tables`, broadcastable to x
+    ((T, d) or (B, 1, T, d)), float32. Computed in float32, returned in x.dtype.
     """
-    pairs = x.float().unflatten(-1, (-1, 2))  # (..., d/2, 2)
-    x_even, x_odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    x32 = x.float()
+    pairs = x32.unflatten(-1, (-1, 2))
+    swapped = torch.stack((pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    return torch.addcmul(x32 * cos, swapped, sin).type_as(x)
 
 
 def apply_rotary_complex(x: Tensor, positions: Tensor, theta: float = 10000.0) -> Tensor:
