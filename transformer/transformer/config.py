@@ -169,6 +169,8 @@ class EvaluateConfig(AxonConfig):
     out: str = ""  # write a JSON with scores and signature here (default: run_dir/eval_<split>.json)
     device: str = "auto"
 
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}  # axon_shared.cli needs at least one preset
+
     def validate(self) -> None:
         require_choice(self, "split", ["train", "valid", "test"])
         require_positive(self, "average_last", "beam_size", "batch_size")
@@ -189,6 +191,8 @@ class TranslateConfig(AxonConfig):
     batch_size: int = 64
     device: str = "auto"
 
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}  # axon_shared.cli needs at least one preset
+
     def validate(self) -> None:
         require_positive(self, "average_last", "beam_size", "batch_size")
 
@@ -201,6 +205,8 @@ class AverageConfig(AxonConfig):
     last: int = 5
     out: str = ""  # default: run_dir/checkpoints/averaged.safetensors
 
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}  # axon_shared.cli needs at least one preset
+
     def validate(self) -> None:
         require_positive(self, "last")
 
@@ -212,6 +218,8 @@ class DemoConfig(AxonConfig):
     out_dir: str = "runs/demo/transformer"
     minutes: float = 2.5
     eval_sentences: int = 200
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}  # axon_shared.cli needs at least one preset
 
     def validate(self) -> None:
         require(self.minutes > 0, self, "minutes", "must be > 0")

@@ -63,7 +63,7 @@ class Translator:
         encoded = self.tokenizer.encode_batch([t.strip() for t in texts])
         too_long = sum(len(ids) + 1 > cfg.max_len for ids in encoded)
         if too_long:
-            warnings.warn(f"{too_long} input(s) longer than max_len={cfg.max_len} tokens were truncated", stacklevel=2)
+            warnings.warn(f"{too_long} input(s) longer than max_len={cfg.max_len} tokens were truncated", stacklevel=3)
         sources = [ids[: cfg.max_len - 1] + [cfg.eos_id] for ids in encoded]
         outputs = [""] * len(texts)
         todo = sorted((i for i, ids in enumerate(encoded) if ids), key=lambda i: len(sources[i]))

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 from axon_shared.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
-from axon_shared.distributed import barrier, cleanup_distributed, setup_distributed, wrap_model
+from axon_shared.distributed import DistContext, barrier, cleanup_distributed, setup_distributed, wrap_model
 from axon_shared.metrics import MetricsLogger, plot_metrics
 from axon_shared.progress import progress_bar
 from axon_shared.schedules import NoamSchedule, set_lr
 from axon_shared.seed import seed_everything
-from torch import nn
+from torch import Tensor, nn
 
-from .config import TrainConfig
+from .config import TrainConfig, TransformerConfig
 from .data import Example, batch_stream, build_tokenizer, collate, encode_pairs, load_pairs, pad
 from .decoding import greedy_decode
 from .inference import TOKENIZER_FILE, bleu
@@ -65,6 +65,30 @@ def validate(model: Transformer, examples: list[Example], tokenizer, references:
         out["valid_bleu"], _ = bleu(hyps, references[: len(sample)])
     model.train(was_training)
     return out
+
+
+def accumulate_gradients(model: nn.Module, micro: list[tuple[Tensor, Tensor, Tensor]], mc: TransformerConfig,
+                         ctx: DistContext, autocast=None) -> tuple[float, float, int]:
+    """Backward over the micro-batches of one optimizer step so that the gradient is that of
+    (sum of label-smoothed token losses over the whole step on all ranks) / (number of target tokens in it).
+    Returns this rank's (smoothed loss sum, nll sum, target tokens)."""
+    local_tokens = sum(int((tgt_out != mc.pad_id).sum()) for _, _, tgt_out in micro)
+    global_tokens = torch.tensor(float(local_tokens))
+    if ctx.is_distributed:
+        torch.distributed.all_reduce(global_tokens)
+    # DDP averages gradients over ranks, so scale by world_size to get the per-token mean of the global batch
+    scale = ctx.world_size / global_tokens.item()
+    loss_sum = nll_sum = 0.0
+    for i, (src, tgt_in, tgt_out) in enumerate(micro):
+        last = i == len(micro) - 1
+        sync = model.no_sync() if (ctx.is_distributed and not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with sync:
+            with autocast or contextlib.nullcontext():
+                logits = model(src.to(ctx.device), tgt_in.to(ctx.device))
+            smoothed, nll, _ = label_smoothed_loss(logits, tgt_out.to(ctx.device), epsilon=mc.label_smoothing, pad_id=mc.pad_id)
+            (smoothed * scale).backward()
+        loss_sum, nll_sum = loss_sum + smoothed.item(), nll_sum + nll.item()
+    return loss_sum, nll_sum, local_tokens
 
 
 def train(config: TrainConfig) -> dict[str, float]:
@@ -140,21 +164,7 @@ def train(config: TrainConfig) -> dict[str, float]:
         for _ in range(tc.accum_steps):
             epoch, position, examples = next(stream)
             micro.append(collate(examples, mc))
-        local_tokens = sum(int((tgt_out != mc.pad_id).sum()) for _, _, tgt_out in micro)
-        global_tokens = torch.tensor(float(local_tokens))
-        if ctx.is_distributed:
-            torch.distributed.all_reduce(global_tokens)
-        # DDP averages gradients over ranks, so scale by world_size to get the per-token mean of the global batch
-        scale = ctx.world_size / global_tokens.item()
-        loss_sum = nll_sum = 0.0
-        for i, (src, tgt_in, tgt_out) in enumerate(micro):
-            sync = contextlib.nullcontext() if (i == len(micro) - 1 or not ctx.is_distributed) else ddp_model.no_sync()
-            with sync:
-                with autocast:
-                    logits = ddp_model(src.to(ctx.device), tgt_in.to(ctx.device))
-                smoothed, nll, _ = label_smoothed_loss(logits, tgt_out.to(ctx.device), epsilon=mc.label_smoothing, pad_id=mc.pad_id)
-                (smoothed * scale).backward()
-            loss_sum, nll_sum = loss_sum + smoothed.item(), nll_sum + nll.item()
+        loss_sum, nll_sum, local_tokens = accumulate_gradients(ddp_model, micro, mc, ctx, autocast)
         if tc.clip_grad:
             nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad)
         lr = schedule(step + 1)
