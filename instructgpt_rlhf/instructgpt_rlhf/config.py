@@ -64,12 +64,13 @@ class SFTConfig(AxonConfig):
     out_dir: str = "runs/instructgpt_rlhf/sft"
     max_len: int = 64  # tokens per demonstration (bos + snippet + eos), longer ones are truncated
     max_train: int | None = None  # cap the number of demonstrations (tiny runs)
+    max_valid: int = 256  # valid-split demonstrations for the held-out loss
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=30, max_steps=600, batch_size=32, eval_every=100, checkpoint_every=100, max_minutes=6.0))
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
-        "tiny": dict(max_train=256, max_len=40, optim=dict(max_steps=12, batch_size=8, eval_every=6, checkpoint_every=6, warmup_steps=2, progress=False)),
+        "tiny": dict(max_train=128, max_valid=16, max_len=40, optim=dict(max_steps=6, batch_size=8, eval_every=3, checkpoint_every=3, warmup_steps=2, progress=False)),
     }
 
     def validate(self) -> None:
@@ -108,6 +109,7 @@ class PPOConfig(AxonConfig):
     reward_model: str = "runs/instructgpt_rlhf/reward"
     out_dir: str = "runs/instructgpt_rlhf/ppo"
     num_prompts: int = 4096
+    eval_prompts: int = 64  # valid-split prompts for the reward/KL curve logged every eval_every iterations
     kl_coef: float = 0.05  # beta (InstructGPT: 0.02)
     target_kl: float | None = None  # set for the adaptive controller (Ziegler et al. 2019); None = fixed kl_coef
     kl_horizon: int = 10000
@@ -128,7 +130,7 @@ class PPOConfig(AxonConfig):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
-        "tiny": dict(num_prompts=32, ppo_epochs=2, minibatch_size=4, sampling=dict(max_new_tokens=10, batch_size=8), optim=dict(max_steps=3, eval_every=3, checkpoint_every=2, warmup_steps=0, progress=False)),
+        "tiny": dict(num_prompts=32, eval_prompts=8, ppo_epochs=2, minibatch_size=4, sampling=dict(max_new_tokens=10, batch_size=8), optim=dict(max_steps=3, eval_every=3, checkpoint_every=2, warmup_steps=0, progress=False)),
     }
 
     def validate(self) -> None:
@@ -153,11 +155,12 @@ class DPOConfig(AxonConfig):
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid (DPO), ipo
     label_smoothing: float = 0.0  # > 0: conservative DPO
+    eval_prompts: int = 64  # valid-split prompts for the reward/KL curve logged every eval_every steps
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=10, max_steps=300, min_lr_ratio=1.0, batch_size=16, eval_every=50, checkpoint_every=50, max_minutes=4.0))
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
-        "tiny": dict(optim=dict(max_steps=4, batch_size=4, eval_every=2, checkpoint_every=2, warmup_steps=0, progress=False)),
+        "tiny": dict(eval_prompts=8, optim=dict(max_steps=4, batch_size=4, eval_every=2, checkpoint_every=2, warmup_steps=0, progress=False)),
     }
 
     def validate(self) -> None:
@@ -214,6 +217,19 @@ class PipelineConfig(AxonConfig):
             ppo=PPOConfig.PRESETS["tiny"],
             dpo=DPOConfig.PRESETS["tiny"],
             evaluate=EvaluateConfig.PRESETS["tiny"],
+        ),
+        # `make demo`: the whole pipeline in about 3-4 minutes on 2 cores (toy numbers; the README has the real run).
+        "demo": dict(
+            out_dir="runs/demo/instructgpt_rlhf",
+            pretrain_preset="tiny",
+            pretrain_overrides={"train": {"max_steps": 150, "max_minutes": 0.8, "eval_every": 150, "checkpoint_every": 150, "progress": False}},
+            kl_coefs=(0.05,),
+            betas=(0.1,),
+            sft=dict(max_len=48, max_valid=64, optim=dict(lr=1e-3, max_steps=150, batch_size=32, warmup_steps=10, eval_every=75, checkpoint_every=75, max_minutes=0.8, progress=False)),
+            reward=dict(num_prompts=160, num_valid_prompts=40, sampling=dict(max_new_tokens=24), optim=dict(lr=3e-4, max_steps=60, batch_size=8, warmup_steps=5, eval_every=30, checkpoint_every=30, max_minutes=0.6, progress=False)),
+            ppo=dict(num_prompts=512, eval_prompts=32, sampling=dict(max_new_tokens=24, batch_size=32), minibatch_size=16, optim=dict(lr=5e-5, max_steps=12, warmup_steps=2, min_lr_ratio=1.0, eval_every=4, checkpoint_every=4, log_every=1, max_minutes=0.7, progress=False)),
+            dpo=dict(eval_prompts=32, optim=dict(lr=5e-5, max_steps=60, batch_size=16, warmup_steps=5, min_lr_ratio=1.0, eval_every=20, checkpoint_every=20, max_minutes=0.5, progress=False)),
+            evaluate=dict(num_prompts=96, num_samples=3, sampling=dict(max_new_tokens=24)),
         ),
     }
 

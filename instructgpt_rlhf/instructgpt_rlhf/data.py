@@ -12,6 +12,7 @@ padding can never hide the EOS label. Logits at positions P-1 .. P+C-2 predict t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,11 @@ PAD_ID = 0  # SentencePiece unk; safe as a pad because every consumer masks pads
 
 def movie_snippets(split: str) -> list[dict]:
     """The human-rated movie-review snippets of `vader-sentiment` ({"id","source","mean","text"}) in a split."""
+    return list(_movie_snippets(split))
+
+
+@functools.lru_cache(maxsize=4)
+def _movie_snippets(split: str) -> tuple[dict, ...]:
     from axon_shared.data import load_split
 
     records = load_split("vader-sentiment", split)
@@ -29,7 +35,7 @@ def movie_snippets(split: str) -> list[dict]:
     if not movies:
         sources = sorted({str(r["source"]) for r in records})
         raise ValueError(f"vader-sentiment/{split} has no movie-review snippets (sources: {sources}); run `axon-data prepare vader-sentiment`")
-    return movies
+    return tuple(movies)
 
 
 def make_prompts(

@@ -71,7 +71,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     from .config import SamplingConfig
 
     sampling = SamplingConfig(**s) if s else SamplingConfig()
-    eval_prompts = split_prompts(tokenizer, "valid", 64, seed=cfg.optim.seed, min_tokens=sampling.min_prompt_tokens, max_tokens=sampling.max_prompt_tokens)
+    eval_prompts = split_prompts(tokenizer, "valid", cfg.eval_prompts, seed=cfg.optim.seed, min_tokens=sampling.min_prompt_tokens, max_tokens=sampling.max_prompt_tokens)
     labeler = VaderLabeler()
     optimizer = make_optimizer(policy.parameters(), cfg.optim)
     bs = cfg.optim.batch_size

@@ -49,6 +49,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         (root / "timings.json").write_text(json.dumps(timings, indent=2))
         return out
 
+    image_prefix = f"{root.name}/" if root.parent.name == "demo" else ""
     pretrained = timed("pretrain", pretrain, cfg)
     sft_dir = str(root / "sft")
     timed("sft", run_sft, cfg.sft.replace(pretrained=pretrained, out_dir=sft_dir))
@@ -64,11 +65,34 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         timed(f"dpo_beta{beta:g}", run_dpo, cfg.dpo.replace(sft=sft_dir, preferences=rm_dir, out_dir=d, beta=beta))
         policies.append(d)
     result = timed("evaluate", run_evaluate, cfg.evaluate.replace(sft=sft_dir, reward_model=rm_dir, policies=list(policies), out_dir=str(root / "eval")))
-    write_report(root, result, timings, image_prefix="eval/")
+    plots = stage_plots(root, policies)
+    write_report(root, result, timings, image_prefix=image_prefix, plots=plots)
     return result
 
 
-def write_report(root: Path, result: dict, timings: dict, image_prefix: str, title: bool = True) -> Path:
+def stage_plots(root: Path, policies: list[str]) -> list[Path]:
+    """Training curves of every stage as PNGs in <root>/plots (paths relative to root)."""
+    from axon_shared.metrics import plot_metrics
+
+    wanted = {
+        "sft": ["loss", "valid_loss"],
+        "reward": ["loss", "accuracy", "valid_accuracy", "valid_rm_vs_truth_pearson"],
+    }
+    for p in policies:
+        name = Path(p).name
+        wanted[name] = ["score", "reward", "kl", "entropy", "clipfrac", "value_error"] if name.startswith("ppo") else ["loss", "margin", "valid_accuracy", "eval_reward", "eval_kl"]
+    out = []
+    for name, keys in wanted.items():
+        metrics = root / name / "metrics.jsonl"
+        if metrics.exists():
+            try:
+                out.append(plot_metrics(metrics, root / "plots" / f"{name}.png", keys, title=name).relative_to(root))
+            except ValueError:
+                pass
+    return out
+
+
+def write_report(root: Path, result: dict, timings: dict, image_prefix: str, plots: list[Path] = (), title: bool = True) -> Path:
     rm = json.loads((root / "reward" / "reward_metrics.json").read_text()) if (root / "reward" / "reward_metrics.json").exists() else {}
     lines = ["## Training language models from human preferences: RLHF (InstructGPT/PPO) and DPO (instructgpt_rlhf)", ""] if title else []
     if rm:
@@ -77,7 +101,8 @@ def write_report(root: Path, result: dict, timings: dict, image_prefix: str, tit
             f"on {rm.get('valid_pairs', 0)} pairs; corr(RM, VADER) {rm.get('valid_rm_vs_truth_pearson', float('nan')):.2f}.",
             "",
         ]
-    lines.append(results_markdown(result, image_prefix=image_prefix))
+    lines.append(results_markdown(result, image_prefix=image_prefix + "eval/"))
+    lines += ["", "Training curves:", ""] + [f"![{p.stem}]({image_prefix}{p.as_posix()})" for p in plots]
     lines += ["", "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
     path = root / "REPORT.md"
     path.write_text("\n".join(lines))

@@ -137,7 +137,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
     value = load_scalar_model(cfg.reward_model)  # value function initialised from the RM
     s, T = cfg.sampling, cfg.sampling.temperature
     prompts = split_prompts(tokenizer, "train", cfg.num_prompts, seed=cfg.optim.seed + 7, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
-    eval_prompts = split_prompts(tokenizer, "valid", 64, seed=cfg.optim.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
+    eval_prompts = split_prompts(tokenizer, "valid", cfg.eval_prompts, seed=cfg.optim.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
     models = nn.ModuleDict({"policy": policy, "value": value})
     optimizer = make_optimizer(models.parameters(), cfg.optim)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)

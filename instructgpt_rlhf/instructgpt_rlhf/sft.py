@@ -39,7 +39,7 @@ def run_sft(cfg: SFTConfig) -> Path:
         raise ValueError(f"SFTConfig.max_len={cfg.max_len} exceeds the model's max_seq_len={model.config.max_seq_len}")
     s = cfg.sampling
     train_ids = [t for t in snippet_tokens(tokenizer, "train") if len(t) >= 2][: cfg.max_train]
-    valid_ids = [t for t in snippet_tokens(tokenizer, "valid") if len(t) >= 2][:256]
+    valid_ids = [t for t in snippet_tokens(tokenizer, "valid") if len(t) >= 2][: cfg.max_valid]
     train = sft_examples(train_ids, tokenizer.bos_id, tokenizer.eos_id, cfg.max_len, seed=cfg.optim.seed)
     valid = sft_examples(valid_ids, tokenizer.bos_id, tokenizer.eos_id, cfg.max_len, seed=cfg.optim.seed + 1)
     optimizer = make_optimizer(model.parameters(), cfg.optim)
