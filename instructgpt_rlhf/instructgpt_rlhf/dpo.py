@@ -61,7 +61,10 @@ def run_dpo(cfg: DPOConfig) -> Path:
     ref = load_policy(cfg.sft).eval().requires_grad_(False)
     train_path, valid_path = paths_of(cfg.preferences)
     train = preference_pairs(read_jsonl(train_path))
-    valid = preference_pairs(read_jsonl(valid_path)) if valid_path.exists() else train[:64]
+    if not train:
+        raise ValueError(f"{train_path}: no untied preference pairs; sample more prompts or completions (reward.num_prompts, reward.k)")
+    valid = preference_pairs(read_jsonl(valid_path)) if valid_path.exists() else []
+    valid = valid or train[:64]  # no held-out pairs (toy runs): report on training pairs
     with torch.no_grad():  # the frozen reference: once, up front
         ref_c = completion_logprobs(ref, [p for p, _, _ in train], [c for _, c, _ in train])
         ref_r = completion_logprobs(ref, [p for p, _, _ in train], [r for _, _, r in train])

@@ -35,7 +35,7 @@ def completion_logprobs(model: Llama, prompts, completions, batch_size: int = 64
         if temperature != 1.0:
             logits = logits / temperature
         out.append(sequence_logprobs(logits, batch.completion_labels, batch.label_mask))
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def per_token_logprobs(model: Llama, batch: Batch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
