@@ -119,3 +119,30 @@ def test_left_padded_generation_equals_unpadded():
         alone = generate(model, [prompt], max_new_tokens=8, temperature=0.0, eos_id=EOS)[0]
         assert got == alone
         assert strip_after_eos(got, EOS) == got
+
+
+def test_loss_uses_the_rollout_temperature():
+    """The log-probs PPO's loss re-evaluates equal the ones the sampler drew from (same temperature)."""
+    from x_llama import generate as x_generate
+
+    from instructgpt_rlhf.rollout import per_token_logprobs
+
+    model = tiny_llama(64, seed=4).eval()
+    torch.manual_seed(0)
+    out = x_generate(model, PROMPTS, max_new_tokens=6, temperature=0.7, eos_id=EOS, return_logprobs=True)
+    b = collate(PROMPTS, out.tokens)
+    with torch.no_grad():
+        lp, _ = per_token_logprobs(model, b, temperature=0.7)
+    for i, row in enumerate(out.logprobs):
+        assert_close(lp[i, : len(row)], torch.tensor(row), atol=2e-5, rtol=0)
+
+
+def test_parameter_counts():
+    """The reward/value model is the policy plus a (dim + 1)-parameter head; the CPU-run policy size."""
+    from x_llama import Llama, LlamaConfig
+
+    config = LlamaConfig.from_preset("cpu", dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=2048)  # x_llama "demo"
+    policy = Llama(config)
+    assert sum(p.numel() for p in policy.parameters()) == config.num_parameters() == 2_361_024
+    rm = ScalarHeadModel(config)
+    assert sum(p.numel() for p in rm.parameters()) == 2_361_024 + 192 + 1
