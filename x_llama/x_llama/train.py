@@ -105,10 +105,9 @@ def _train(cfg: TrainConfig) -> Path:
     seed_everything(opt.seed)
     model = Llama(cfg.model).to(ctx.device)
     model.activation_checkpointing = opt.activation_checkpointing
-    optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
     schedule = CosineSchedule(opt.lr, opt.warmup_steps, opt.total_steps or opt.max_steps, opt.min_lr_ratio)
 
-    start_step = 0
+    start_step, checkpoint = 0, None
     resume_from = latest_checkpoint(ckpt_dir)
     if resume_from is not None:
         checkpoint = load_checkpoint(resume_from, map_location=ctx.device)
@@ -118,8 +117,16 @@ def _train(cfg: TrainConfig) -> Path:
                 f"{resume_from}: saved with a different model config ({saved_model}) than requested ({cfg.model.to_dict()}); "
                 "use another --train.out_dir or the same model flags"
             )
-        start_step = checkpoint.restore(model, optimizer)
+        start_step = checkpoint.restore(model)  # parameters + RNG states
+    sharded = opt.fsdp and ctx.is_distributed
     wrapped = wrap_model(model, ctx, fsdp=opt.fsdp)
+    # the optimizer is built after wrapping: FSDP2 replaces the parameters with sharded ones
+    optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
+    if checkpoint is not None:
+        if sharded:
+            _load_sharded_optimizer(model, optimizer, checkpoint)
+        else:
+            checkpoint.restore(optimizer=optimizer, rng=False)
 
     logger = MetricsLogger(out_dir / "metrics.jsonl", enabled=is_main, resume_step=start_step if resume_from else None)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * opt.grad_accum * ctx.world_size
@@ -127,9 +134,12 @@ def _train(cfg: TrainConfig) -> Path:
     deadline = time.time() + 60 * opt.max_minutes if opt.max_minutes else math.inf
 
     def save(step: int, metrics: dict) -> None:
+        model_state, optimizer_state = model, optimizer
+        if sharded:  # gather full tensors (a collective: every rank takes part), then rank 0 writes
+            model_state, optimizer_state = _gather_sharded(model, optimizer)
         if is_main:
             save_checkpoint(
-                checkpoint_path(ckpt_dir, step), model=model, optimizer=optimizer, step=step, config=cfg.to_dict(),
+                checkpoint_path(ckpt_dir, step), model=model_state, optimizer=optimizer_state, step=step, config=cfg.to_dict(),
                 metrics=metrics, extra={"tokenizer": "tokenizer.model", "tokens_seen": step * tokens_per_step},
             )
             prune_checkpoints(ckpt_dir, opt.keep_checkpoints)
@@ -181,9 +191,59 @@ def _train(cfg: TrainConfig) -> Path:
 
     if is_main and step > start_step:
         _plots(out_dir)
-        _write_samples(model, tokenizer, out_dir)
+        sampler = model
+        if sharded:  # the FSDP shards live on every rank: sample from the gathered checkpoint instead
+            sampler = Llama(cfg.model)
+            load_checkpoint(latest_checkpoint(ckpt_dir)).restore(sampler, rng=False)
+        _write_samples(sampler, tokenizer, out_dir)
     cleanup_distributed()
     return out_dir
+
+
+class _StateDict:
+    """Something with .state_dict(), for saving gathered FSDP state through axon_shared.save_checkpoint."""
+
+    def __init__(self, state: dict):
+        self._state = state
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order (the integer ids of a plain optimizer state dict)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _gather_sharded(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[_StateDict, _StateDict]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    full = get_optimizer_state_dict(model, optimizer, options=options)  # keyed by parameter name; rank 0 only
+    if "state" not in full:  # other ranks receive empty dicts (cpu_offload keeps the full copy on rank 0)
+        return _StateDict({}), _StateDict({})
+    names = _parameter_names(model, optimizer)
+    index = {name: i for i, name in enumerate(names)}
+    plain = {
+        "state": {index[name]: value for name, value in full["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]],
+    }
+    return _StateDict(model_state), _StateDict(plain)
+
+
+def _load_sharded_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, checkpoint) -> None:
+    from axon_shared.checkpoint import _unflatten_optimizer
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    plain = _unflatten_optimizer(checkpoint.tensors.get("optimizer", {}), checkpoint.state["optimizer"])
+    names = _parameter_names(model, optimizer)
+    full = {
+        "state": {names[int(i)]: value for i, value in plain["state"].items()},
+        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in plain["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
 
 
 def _plots(out_dir: Path) -> None:
