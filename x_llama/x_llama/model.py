@@ -42,6 +42,7 @@ class KVCache:
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
         self.has_padding = False
+        self.shared_positions = True  # every row's next position == length (no padding, no explicit positions)
 
     @property
     def batch_size(self) -> int:
@@ -173,8 +174,11 @@ class Llama(nn.Module):
             if attention_mask.shape != tokens.shape:
                 raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal tokens shape {tuple(tokens.shape)}")
             attention_mask = attention_mask.to(device=tokens.device, dtype=torch.bool)
+        if cache is not None and (positions is not None or (attention_mask is not None and not bool(attention_mask.all()))):
+            cache.shared_positions = False
         positions = self._positions(tokens, positions, attention_mask, cache)
-        cos, sin = self._rope(positions, length)
+        shared_start = start if cache is not None and cache.shared_positions else 0
+        cos, sin = self._rope(positions, length, shared_start)
 
         # Which keys each query may see (True = may attend); causal order is added by `attention`.
         mask, is_causal = None, True
@@ -224,25 +228,27 @@ class Llama(nn.Module):
                 )
 
     def _positions(self, tokens: Tensor, positions: Tensor | None, mask: Tensor | None, cache: KVCache | None) -> Tensor | None:
-        """Per-row RoPE positions (B, T), or None for the common case 0..T-1 shared by all rows."""
+        """Per-row RoPE positions (B, T), or None when all rows share them (start .. start+T-1, a table slice)."""
         batch, length = tokens.shape
         if positions is not None:
             positions = positions.to(tokens.device).long()
             return positions.expand(batch, length) if positions.ndim == 1 or positions.shape[0] == 1 else positions
         offset = cache.next_position[:, None] if cache is not None else 0
+        if cache is not None and cache.shared_positions:
+            return None  # rows share positions length .. length + T - 1
         if mask is not None:  # left padding: the first real token of each row is at position 0
             return (offset + mask.long().cumsum(1) - 1).clamp(min=0)
         if cache is not None:
             return offset + torch.arange(length, device=tokens.device)
         return None
 
-    def _rope(self, positions: Tensor | None, length: int) -> tuple[Tensor, Tensor]:
+    def _rope(self, positions: Tensor | None, length: int, start: int = 0) -> tuple[Tensor, Tensor]:
         weight = self.tok_embeddings.weight
         if self.rope_cos.dtype != torch.float32 or (self.rope_cos.is_meta and not weight.is_meta):
             # model.to(bfloat16) also casts buffers, and meta-device loading leaves them empty: rebuild in fp32
             self.rope_cos, self.rope_sin = self.rope_tables(weight.device)
         if positions is None:
-            return self.rope_cos[:length], self.rope_sin[:length]  # (T, d), broadcast over batch and heads
+            return self.rope_cos[start : start + length], self.rope_sin[start : start + length]  # (T, d), shared by all rows
         if positions.device.type != "meta" and int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len} (RoPE table size)")
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
