@@ -6,6 +6,7 @@ GQA vs MHA vs MQA KV-cache memory and decode speed. Prints tables with ratios (o
 
     python benchmarks/x_llama_bench.py            # ~3 minutes on one CPU thread
     python benchmarks/x_llama_bench.py --quick    # smoke run
+    python benchmarks/x_llama_bench.py --compare runs/x_llama/mha runs/x_llama/gqa   # trained runs side by side
 """
 
 from __future__ import annotations
@@ -71,12 +72,47 @@ def train_step_fn(model, tokens, hf: bool):
     return step
 
 
+def compare_runs(run_dirs: list[str]) -> None:
+    """Trained runs side by side (e.g. MHA vs GQA at equal training FLOPs): validation perplexity, training
+    FLOPs and wall time, KV-cache memory, and cached decode speed of the trained weights."""
+    import json
+    from pathlib import Path
+
+    from x_llama import load_pretrained
+    from x_llama.config import TrainConfig
+
+    print(f"{'run':<22}{'kv heads':>9}{'params':>10}{'steps':>7}{'train PFLOP':>12}{'minutes':>9}{'val ppl':>9}"
+          f"{'KV MiB (B=8, T=256)':>21}{'decode tok/s (B=8)':>20}")
+    for run in run_dirs:
+        run = Path(run)
+        cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        last = [r for r in rows if "loss" in r][-1]
+        ppl = [r for r in rows if "val_ppl" in r][-1]["val_ppl"]
+        flops = last["tokens"] * training_flops_per_token(cfg.model, cfg.data.seq_len)
+        model, tokenizer, config = load_pretrained(run)
+        prompts = [tokenizer.encode(p, bos=True) for p in ("In the beginning", "And the LORD said", "To be", "She was",
+                                                           "The king", "My lord", "It is", "And it came to pass")]
+        new = min(128, config.max_seq_len - max(len(p) for p in prompts))
+        generate(model, prompts, 8)
+        start = time.perf_counter()
+        generate(model, prompts, new)
+        speed = len(prompts) * new / (time.perf_counter() - start)
+        cache_mib = model.new_cache(8, min(256, config.max_seq_len)).nbytes * 256 / min(256, config.max_seq_len) / 2**20
+        print(f"{run.name:<22}{config.kv_heads:>9}{config.num_parameters() / 1e6:>9.2f}M{last['step']:>7}{flops / 1e15:>12.3f}"
+              f"{last['time'] / 60:>9.1f}{ppl:>9.2f}{cache_mib:>21.2f}{speed:>20.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke run)")
+    parser.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="compare trained run directories instead")
     args = parser.parse_args()
     if os.environ.get("AXON_THREADS"):
         torch.set_num_threads(int(os.environ["AXON_THREADS"]))
+    if args.compare:
+        compare_runs(args.compare)
+        return
     quick = args.quick
     repeats = 2 if quick else 5
     config = LlamaConfig.from_preset("cpu", max_seq_len=1024)  # dim 256, 6 layers, 8 query / 2 kv heads
