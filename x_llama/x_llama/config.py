@@ -162,7 +162,7 @@ class TrainConfig(AxonConfig):
         "cpu": dict(
             model=_CPU_MODEL,
             data=dict(seq_len=256, batch_size=16, tokenizer_chars=4_000_000),
-            train=dict(out_dir="runs/x_llama/cpu", lr=1.5e-3, warmup_steps=50, max_steps=550, eval_every=50, eval_batches=10, checkpoint_every=50),
+            train=dict(out_dir="runs/x_llama/cpu", lr=1.5e-3, warmup_steps=50, max_steps=380, eval_every=50, eval_batches=10, checkpoint_every=50),
         ),
         # Pretrains in well under a minute: unit tests, notebooks, and instructgpt_rlhf's tests.
         "tiny": dict(
