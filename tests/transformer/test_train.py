@@ -187,3 +187,28 @@ def test_translator_bad_input(tmp_path):
     assert all(isinstance(o, str) for o in out)  # unknown characters (unk) and over-long input still translate
     assert any("truncated" in str(w.message) for w in caught)
     assert translator.translate([], beam_size=4) == []
+
+
+def test_ddp_two_ranks_equal_one_process_with_accumulation(tmp_path):
+    """2 ranks x 2 micro-batches each (unequal token counts) give the gradient of the whole 4-micro-batch step."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("_ddp_worker.py")
+    out = tmp_path / "ddp.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker), str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sys.path.insert(0, str(worker.parent))
+    try:
+        from _ddp_worker import make_problem
+    finally:
+        sys.path.pop(0)
+    cfg, model, micro = make_problem()
+    accumulate_gradients(model, micro, cfg, DistContext())
+    ddp_grads = load_checkpoint(out).tensors["grad"]
+    for name, p in model.named_parameters():
+        assert_close(ddp_grads[name], p.grad, rtol=1e-5, atol=1e-6)

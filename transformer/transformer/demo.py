@@ -20,7 +20,7 @@ def demo_config(cfg: DemoConfig) -> TrainConfig:
         "cpu",
         model=dict(vocab_size=4000, d_model=128, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=512, dropout=0.0, max_len=128),
         data=dict(max_tokens=1500, spm_sample=20_000),
-        train=dict(out_dir=cfg.out_dir, max_minutes=cfg.minutes, warmup=100, lr_factor=1.0, eval_every=100_000,
+        train=dict(out_dir=cfg.out_dir, max_minutes=cfg.minutes, warmup=100, lr_factor=0.15, eval_every=100_000,
                    eval_minutes=cfg.minutes / 4, save_every=100_000, eval_bleu_sentences=100, log_every=10),
     )
 
