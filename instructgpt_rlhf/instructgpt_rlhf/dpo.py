@@ -102,7 +102,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
         metrics, _ = measure(policy, ref, tokenizer, eval_prompts, sampling, labeler, seed=cfg.optim.seed)
         return {"valid_margin": float(margin.mean()), "valid_accuracy": float((margin > 0).float().mean()), **{f"eval_{k}": v for k, v in metrics.items()}}
 
-    metrics = train_loop(name=f"dpo(beta={cfg.beta})", out_dir=out_dir, config=cfg.to_dict(), optim=cfg.optim, model=policy, optimizer=optimizer, step_fn=step_fn, eval_fn=eval_fn)
+    metrics = train_loop(name=f"dpo(beta={cfg.beta})", out_dir=out_dir, config=cfg.to_dict(), optim=cfg.optim, model=policy, optimizer=optimizer, step_fn=step_fn, eval_fn=eval_fn, eval_at_start=True)
     save_model(final, policy, "policy", tokenizer.path, metrics=metrics, extra={"method": "dpo", "beta": cfg.beta, "loss_type": cfg.loss_type})
     (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"dpo: wrote {final} ({metrics})")

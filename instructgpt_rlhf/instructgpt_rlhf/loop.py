@@ -50,6 +50,7 @@ def train_loop(
     extra_state: Callable[[], dict] | None = None,
     load_extra_state: Callable[[dict], None] | None = None,
     self_stepping: bool = False,
+    eval_at_start: bool = False,
 ) -> dict:
     """Run steps [resumed_step, optim.max_steps); return the last eval metrics. `model` holds every trained module.
     With self_stepping (PPO: several minibatch updates per iteration), step_fn clips and steps the optimizer itself."""
@@ -72,6 +73,10 @@ def train_loop(
     last_eval: dict = {}
     bar = progress_bar(range(start, optim.max_steps), enabled=optim.progress, desc=name, initial=start, total=optim.max_steps)
     step = start
+    if eval_at_start and start == 0 and eval_fn is not None:
+        model.eval()
+        with torch.random.fork_rng():
+            logger.log(0, **eval_fn(0))
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
     def checkpoint(at: int) -> None:

@@ -166,7 +166,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
 
     metrics = train_loop(
         name=f"ppo(kl={cfg.kl_coef})", out_dir=out_dir, config=cfg.to_dict(), optim=cfg.optim, model=models, optimizer=optimizer,
-        step_fn=step_fn, eval_fn=eval_fn, self_stepping=True,
+        step_fn=step_fn, eval_fn=eval_fn, self_stepping=True, eval_at_start=True,
         extra_state=lambda: {"kl_coef": kl_ctl.value}, load_extra_state=lambda extra: setattr(kl_ctl, "value", extra["kl_coef"]),
     )
     save_model(final, policy, "policy", tokenizer.path, metrics=metrics, extra={"method": "ppo", "kl_coef": cfg.kl_coef, "ptx_coef": cfg.ptx_coef})
