@@ -58,7 +58,7 @@ main = build_cli(
         "dpo": Command(_dpo, DPOConfig, "DPO / IPO / conservative DPO on the labelled preference pairs", default_preset="cpu"),
         "evaluate": Command(_evaluate, EvaluateConfig, "Ground-truth reward, KL, win rate, RM-vs-truth, frontier plot", default_preset="cpu"),
         "pipeline": Command(_pipeline, PipelineConfig, "pretrain -> SFT -> RM -> PPO/DPO sweeps -> evaluate", default_preset="cpu"),
-        "demo": Command(_demo, DemoConfig, "The pipeline at demo scale (<= 4 min), writes <out_dir>/REPORT.md"),
+        "demo": Command(_demo, DemoConfig, "The pipeline at demo scale (<= 4 min), writes <out_dir>/REPORT.md", default_preset="demo"),
     },
     description="instructgpt-rlhf: SFT -> reward model -> PPO(-ptx) and DPO on x_llama (the DPO paper's sentiment task)",
 )

@@ -239,4 +239,6 @@ class DemoConfig(AxonConfig):
     """`demo`: the pipeline at demo scale (<= 4 minutes on 2 cores), writing <out_dir>/REPORT.md."""
 
     out_dir: str = "runs/demo/instructgpt_rlhf"
-    pretrained: str | None = None
+    pretrained: str | None = None  # an x_llama run dir to start from (else x_llama tiny is pretrained first)
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"demo": {}}
