@@ -1,0 +1,206 @@
+"""Typed configs for dali_ddpm: the UNet, the diffusion process, training, sampling, evaluation and the demo.
+
+Presets (`--preset NAME` on the command line):
+- `cifar10`: the paper's CIFAR-10 model and recipe (Ho et al. 2020, appendix B): 35.7M parameters, T=1000,
+  linear betas 1e-4..0.02, Adam 2e-4, batch 128, 5000 warm-up steps, EMA 0.9999, dropout 0.1, random flips.
+- `cpu`: a ~2M-parameter UNet for 28x28 grey images padded to 32x32, sized so that a 30-minute run on one CPU
+  thread learns recognisable Fashion-MNIST samples (see README, "Deviations").
+- `tiny`: unit tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from axon_shared import AxonConfig, require, require_choice, require_positive
+
+DATASETS = ("fashion-mnist", "mnist-5k", "digits")
+
+
+@dataclass
+class UNetConfig(AxonConfig):
+    """The DDPM UNet (Ho et al. 2020, appendix B; PixelCNN++-style backbone with Wide-ResNet blocks)."""
+
+    in_channels: int = 3
+    ch: int = 128  # base channel count
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)  # channels per resolution level = ch * ch_mult[i]
+    num_res_blocks: int = 2  # residual blocks per level on the way down (one more on the way up)
+    attn_resolutions: tuple[int, ...] = (16,)  # feature-map sizes that get a self-attention block
+    dropout: float = 0.1
+    image_size: int = 32
+    num_groups: int = 32  # GroupNorm groups
+    norm_eps: float = 1e-6  # TensorFlow's GroupNorm epsilon, as in the original code
+
+    PRESETS: ClassVar[dict] = {
+        "cifar10": {},
+        "cpu": dict(in_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0),
+        "tiny": dict(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0, image_size=16),
+    }
+
+    def validate(self) -> None:
+        require_positive(self, "in_channels", "ch", "num_res_blocks", "image_size", "num_groups")
+        require(len(self.ch_mult) >= 1 and all(m > 0 for m in self.ch_mult), self, "ch_mult", "needs >= 1 positive multiplier")
+        require(0.0 <= self.dropout < 1.0, self, "dropout", "must be in [0, 1)")
+        levels = len(self.ch_mult)
+        require(self.image_size % 2 ** (levels - 1) == 0, self, "image_size", f"must be divisible by 2^(len(ch_mult)-1) = {2 ** (levels - 1)}")
+        widths = [self.ch * m for m in self.ch_mult]
+        require(all(w % self.num_groups == 0 for w in widths), self, "num_groups", f"must divide every level's width {widths}")
+        sizes = [self.image_size // 2**i for i in range(levels)]
+        bad = [r for r in self.attn_resolutions if r not in sizes]
+        require(not bad, self, "attn_resolutions", f"{bad} are not feature-map sizes of this UNet ({sizes})")
+
+
+@dataclass
+class DiffusionConfig(AxonConfig):
+    """The forward process q(x_t | x_0) and the reverse process's fixed variances (Ho et al. 2020, sections 2-3)."""
+
+    timesteps: int = 1000  # T
+    schedule: str = "linear"  # "linear" (the paper) or "cosine" (Nichol & Dhariwal 2021)
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    variance: str = "fixedlarge"  # sigma_t^2 = beta_t ("fixedlarge") or beta~_t ("fixedsmall")
+    clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] while sampling
+    prediction: str = "eps"  # the network predicts eps (the paper), x0, or v (Salimans & Ho 2022)
+    loss: str = "simple"  # "simple" (L_simple, eq. 14) or "hybrid" (L_simple + vlb_weight * L_vlb)
+    vlb_weight: float = 0.001
+
+    def validate(self) -> None:
+        require_positive(self, "timesteps")
+        require_choice(self, "schedule", ("linear", "cosine"))
+        require_choice(self, "variance", ("fixedlarge", "fixedsmall"))
+        require_choice(self, "prediction", ("eps", "x0", "v"))
+        require_choice(self, "loss", ("simple", "hybrid"))
+        require(0.0 < self.beta_start < self.beta_end < 1.0, self, "beta_end", f"need 0 < beta_start={self.beta_start} < beta_end < 1")
+        require(self.vlb_weight >= 0, self, "vlb_weight", "must be >= 0")
+
+
+@dataclass
+class TrainSection(AxonConfig):
+    """Optimisation and bookkeeping (Ho et al. 2020, appendix B for the paper's values)."""
+
+    dataset: str = "fashion-mnist"
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup: int = 5000
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    random_flip: bool = True
+    bf16: bool = False  # autocast the UNet forward to bfloat16
+    max_steps: int = 800_000
+    max_minutes: float = 0.0  # wall-clock budget; 0 = none
+    seed: int = 0
+    device: str = "auto"
+    out_dir: str = "runs/dali_ddpm/default"
+    log_every: int = 50
+    eval_every: int = 1000  # validation L_simple on a fixed batch
+    eval_size: int = 512
+    sample_every: int = 5000  # sample grid from the EMA weights (DDIM, sample_steps steps)
+    sample_steps: int = 50
+    sample_n: int = 64
+    ckpt_every: int = 5000
+    keep_last: int = 3
+
+    def validate(self) -> None:
+        require_choice(self, "dataset", DATASETS)
+        require_positive(self, "batch_size", "lr", "max_steps", "log_every", "eval_every", "sample_every", "ckpt_every", "keep_last", "sample_n", "sample_steps")
+        require(self.warmup >= 0, self, "warmup", "must be >= 0")
+        require(self.grad_clip >= 0, self, "grad_clip", "must be >= 0 (0 disables clipping)")
+        require(0.0 <= self.ema_decay < 1.0, self, "ema_decay", "must be in [0, 1)")
+        require(self.max_minutes >= 0, self, "max_minutes", "must be >= 0 (0 = no time limit)")
+
+
+@dataclass
+class DDPMConfig(AxonConfig):
+    """Everything `dali-ddpm train` needs; saved as config.json in the run directory."""
+
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    PRESETS: ClassVar[dict] = {
+        "cifar10": dict(model=UNetConfig.PRESETS["cifar10"]),
+        "cpu": dict(
+            model=UNetConfig.PRESETS["cpu"],
+            train=dict(batch_size=64, lr=5e-4, warmup=100, ema_decay=0.995, random_flip=False, max_steps=100_000, max_minutes=30.0,
+                       log_every=25, eval_every=250, sample_every=1000, ckpt_every=500, out_dir="runs/dali_ddpm/cpu"),
+        ),
+        "tiny": dict(
+            model=UNetConfig.PRESETS["tiny"],
+            diffusion=dict(timesteps=100, beta_end=0.2),
+            train=dict(dataset="digits", batch_size=16, warmup=10, ema_decay=0.9, random_flip=False, max_steps=20,
+                       log_every=5, eval_every=10, eval_size=32, sample_every=10, sample_steps=5, sample_n=16, ckpt_every=10,
+                       out_dir="runs/dali_ddpm/tiny"),
+        ),
+    }
+
+
+@dataclass
+class SampleConfig(AxonConfig):
+    """`dali-ddpm sample`: a PNG grid (and a denoising-trajectory figure) from a trained run's EMA weights."""
+
+    # (axon_shared.cli needs a non-empty PRESETS to build --preset choices)
+    PRESETS: ClassVar[dict] = {"default": {}}
+
+
+    run_dir: str = "runs/dali_ddpm/cpu"
+    checkpoint: str = ""  # default: the latest checkpoint in run_dir/checkpoints
+    sampler: str = "ddpm"  # "ddpm" (ancestral, all T steps) or "ddim"
+    steps: int = 50  # DDIM steps (ignored by "ddpm")
+    eta: float = 0.0  # DDIM eta (0 = deterministic)
+    n: int = 64
+    batch_size: int = 64
+    seed: int = 0
+    trajectory: bool = True
+    use_ema: bool = True
+    out: str = ""  # default: run_dir/samples_<sampler>.png
+    device: str = "auto"
+
+    def validate(self) -> None:
+        require_choice(self, "sampler", ("ddpm", "ddim"))
+        require_positive(self, "steps", "n", "batch_size")
+        require(self.eta >= 0, self, "eta", "must be >= 0")
+
+
+@dataclass
+class EvaluateConfig(AxonConfig):
+    """`dali-ddpm evaluate`: FID-C (classifier-feature FID) vs its floor, class histogram, bits/dim, timings."""
+
+    # (axon_shared.cli needs a non-empty PRESETS to build --preset choices)
+    PRESETS: ClassVar[dict] = {"default": {}}
+
+
+    run_dir: str = "runs/dali_ddpm/cpu"
+    checkpoint: str = ""
+    samplers: tuple[str, ...] = ("ddpm", "ddim")
+    ddim_steps: int = 50
+    n_samples: int = 500  # samples per sampler (the FID-C floor uses the same number of test images)
+    ddpm_samples: int = 0  # fewer samples for the slow 1000-step sampler (0 = n_samples)
+    batch_size: int = 250
+    ref_size: int = 10_000  # train images for the reference statistics
+    bpd_images: int = 64  # test images for bits/dim
+    bpd_timesteps: int = 100  # stratified Monte-Carlo estimate of the sum over t (T = all timesteps, exact)
+    classifier_epochs: int = 2
+    seed: int = 0
+    device: str = "auto"
+    out: str = ""  # default: run_dir/eval.json
+
+    def validate(self) -> None:
+        bad = [s for s in self.samplers if s not in ("ddpm", "ddim")]
+        require(not bad, self, "samplers", "each must be 'ddpm' or 'ddim'")
+        require_positive(self, "ddim_steps", "n_samples", "batch_size", "ref_size", "bpd_images", "bpd_timesteps", "classifier_epochs")
+        require(self.n_samples >= 2, self, "n_samples", "FID needs >= 2 samples")
+
+
+@dataclass
+class DemoConfig(AxonConfig):
+    """`dali-ddpm demo`: a <= 4 minute train + sample + evaluate on Fashion-MNIST writing REPORT.md."""
+
+    # (axon_shared.cli needs a non-empty PRESETS to build --preset choices)
+    PRESETS: ClassVar[dict] = {"default": {}}
+
+
+    out_dir: str = "runs/demo/dali_ddpm"
+    minutes: float = 2.0  # training budget
+    n_samples: int = 200
+    seed: int = 0

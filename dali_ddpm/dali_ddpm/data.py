@@ -1,0 +1,57 @@
+"""Image data for DDPM: uint8 grey images from axon_shared.data, centred on a square canvas, scaled to [-1, 1].
+
+The paper scales 8-bit pixels linearly to [-1, 1] (section 3.3), so x0 lives on 256 evenly spaced levels; the
+discrete decoder L_0 relies on that. Fashion-MNIST and MNIST are 28x28 and are padded with background (0) to 32x32
+so that three resolution levels (32, 16, 8) divide evenly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from axon_shared.data import load_split
+
+from .config import DATASETS
+
+
+def load_images(dataset: str, split: str, image_size: int, channels: int = 1) -> tuple[Tensor, Tensor]:
+    """(uint8 (N, C, S, S), int64 labels (N,)). Grey images are repeated over C channels (e.g. the cifar10 preset)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; dali_ddpm trains on {list(DATASETS)}")
+    data = load_split(dataset, split)
+    images = torch.from_numpy(data["images"])  # (N, H, W) uint8
+    labels = torch.from_numpy(data["labels"]).long()
+    return pad_to(images, image_size)[:, None].expand(-1, channels, -1, -1).contiguous(), labels
+
+
+def pad_to(images: Tensor, size: int) -> Tensor:
+    """Centre (N, H, W) images on a (N, size, size) canvas of zeros."""
+    n, height, width = images.shape
+    if height > size or width > size:
+        raise ValueError(f"images are {height}x{width}, larger than the model's image_size={size}; raise --model.image_size")
+    top, left = (size - height) // 2, (size - width) // 2
+    out = torch.zeros(n, size, size, dtype=images.dtype)
+    out[:, top : top + height, left : left + width] = images
+    return out
+
+
+def to_model_range(images: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """float [-1, 1] -> uint8 [0, 255] (rounded, clamped)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
+    """Indices of the global batch at `step` (0-based): epoch e = step // (n // batch_size) walks a permutation
+    seeded by (seed, e). A pure function of the step, so a resumed run sees exactly the same batches."""
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch_size={batch_size} is larger than the dataset ({n} images)")
+    epoch, offset = divmod(step, per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)[offset * batch_size : (offset + 1) * batch_size]

@@ -1,0 +1,208 @@
+"""The diffusion process against diffusers 0.42.1 (DDPMScheduler, DDIMScheduler) and against direct math."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch.testing import assert_close
+
+from dali_ddpm.diffusion import GaussianDiffusion, beta_schedule, ddim_timesteps
+
+T = 1000
+# Our constants are float64; diffusers re-derives beta_t = 1 - abar_t / abar_{t-1} in float32 inside step(),
+# which differs from the float64 beta_t by up to ~5e-4 per step (measured here: <= 1.2e-4). 1e-3 stays far below the
+# differences a wrong formula makes (checked by the negative tests below).
+TOL = dict(atol=1e-3, rtol=0)
+PRED = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
+
+
+def _pair(variance: str, clip: bool, prediction: str = "eps"):
+    ours = GaussianDiffusion(beta_schedule("linear", T), variance=variance, clip_denoised=clip, prediction=prediction)
+    theirs = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", variance_type={"fixedsmall": "fixed_small", "fixedlarge": "fixed_large"}[variance],
+                           clip_sample=clip, prediction_type=PRED[prediction])
+    return ours, theirs
+
+
+def test_betas_and_abar_match_diffusers():
+    ours = GaussianDiffusion(beta_schedule("linear", T))
+    theirs = DDPMScheduler(num_train_timesteps=T)
+    assert_close(ours.betas.float(), theirs.betas, atol=1e-8, rtol=0)
+    assert_close(ours.abar.float(), theirs.alphas_cumprod, atol=2e-6, rtol=1e-5)
+
+
+def test_cosine_schedule_equals_squaredcos_cap_v2():
+    theirs = DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2").betas
+    ours = beta_schedule("cosine", T)
+    assert ours.dtype == torch.float64
+    assert_close(ours.float(), theirs, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(ours.float(), beta_schedule("linear", T).float(), atol=1e-3)
+
+
+def test_add_noise_equals_q_sample():
+    ours, theirs = _pair("fixedsmall", True)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(16, 3, 8, 8, generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 1, 2, 10, 100, 250, 499, 500, 501, 750, 900, 990, 997, 998, 999, 42])
+    # float32 cumprod in diffusers vs our float64: ~3e-6
+    assert_close(ours.q_sample(x0, t, noise), theirs.add_noise(x0, noise, t), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variance", ["fixedsmall", "fixedlarge"])
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_one_step_equals_ddpm_scheduler_step(variance, clip, prediction):
+    ours, theirs = _pair(variance, clip, prediction)
+    for step in [999, 900, 500, 100, 10, 1, 0]:
+        g = torch.Generator().manual_seed(step)
+        x_t = torch.randn(4, 3, 8, 8, generator=g) * 1.5  # wide enough that clipping x0_hat bites
+        output = torch.randn(x_t.shape, generator=g)
+        expected = theirs.step(output, step, x_t, generator=torch.Generator().manual_seed(123)).prev_sample
+        noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(123))  # the same draw diffusers makes
+        got = ours.p_sample(output, x_t, torch.full((4,), step), noise)
+        assert_close(got, expected, **TOL, msg=lambda m: f"t={step}: {m}")
+
+
+def test_wrong_variance_is_detected():
+    """The negative control: fixedsmall vs diffusers' fixed_large must differ beyond the tolerance."""
+    ours, _ = _pair("fixedsmall", False)
+    _, theirs = _pair("fixedlarge", False)
+    x_t, output = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    expected = theirs.step(output, 1, x_t, generator=torch.Generator().manual_seed(1)).prev_sample
+    got = ours.p_sample(output, x_t, torch.full((4,), 1), torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1)))
+    assert (got - expected).abs().max() > 3 * TOL["atol"]
+
+
+@pytest.mark.parametrize("variance", ["fixedsmall", "fixedlarge"])
+def test_full_ancestral_loop_matches_diffusers(variance):
+    """1000 steps with a fixed 'network' eps(x, t) = 0.3 tanh(x) + t/T and the same noise (diffusers draws
+    its noise from the generator it is given; we draw from an identically seeded one): the chains agree."""
+    ours, theirs = _pair(variance, True)
+    fake = lambda x, t: 0.3 * torch.tanh(x) + t.float().view(-1, 1, 1, 1) / T  # noqa: E731
+    x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    for step in range(T - 1, -1, -1):
+        t = torch.full((2,), step)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(step))
+        x = ours.p_sample(fake(x, t), x, t, noise)
+        y = theirs.step(fake(y, t), step, y, generator=torch.Generator().manual_seed(step)).prev_sample
+    assert_close(x, y, **TOL)
+    assert x.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_matches_ddim_scheduler(clip, eta):
+    ours = GaussianDiffusion(beta_schedule("linear", T), clip_denoised=clip)
+    theirs = DDIMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=clip, set_alpha_to_one=True)
+    theirs.set_timesteps(50)
+    steps = ddim_timesteps(T, 50)
+    assert steps == theirs.timesteps.tolist() and steps[:2] == [980, 960] and steps[-1] == 0
+    fake = lambda x, t: 0.3 * torch.tanh(x) + t.float().view(-1, 1, 1, 1) / T  # noqa: E731
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 4, 4, generator=gen) * 1.5
+    y = x.clone()
+    for step, prev in zip(steps, steps[1:] + [-1]):
+        t = torch.full((2,), step)
+        noise = torch.randn(x.shape, generator=gen)
+        x = ours.ddim_step(fake(x, t), x, t, torch.full((2,), prev), eta, noise)
+        y = theirs.step(fake(y, t), step, y, eta=eta, use_clipped_model_output=clip, variance_noise=noise).prev_sample
+    assert_close(x, y, **TOL)
+    assert x.abs().max() > 0.1  # a real comparison, not two zero tensors
+
+
+def test_forward_process_reaches_standard_normal():
+    d = GaussianDiffusion(beta_schedule("linear", T))
+    x0 = torch.rand(512, 1, 16, 16, generator=torch.Generator().manual_seed(0)).round() * 2 - 1  # far from N(0, I)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    x_T = d.q_sample(x0, torch.full((512,), T - 1), noise)
+    assert abs(x_T.mean().item()) < 0.01 and abs(x_T.std().item() - 1) < 0.01
+    # the two-sided per-pixel correlation with x0 is sqrt(abar_T) ~ 6e-3
+    assert d.sqrt_abar[-1].item() < 7e-3
+    assert d.prior_bpd(x0).max().item() < 1e-4
+
+
+def test_posterior_matches_direct_gaussian_product():
+    """q(x_{t-1} | x_t, x0) ∝ N(x_t; sqrt(a_t) x_{t-1}, b_t) N(x_{t-1}; sqrt(abar_{t-1}) x0, 1 - abar_{t-1})."""
+    d = GaussianDiffusion(beta_schedule("linear", T))
+    x0 = torch.randn(6, 1, 2, 2, dtype=torch.float64)
+    x_t = torch.randn(6, 1, 2, 2, dtype=torch.float64)
+    t = torch.tensor([1, 2, 10, 300, 700, 999])
+    betas = beta_schedule("linear", T)
+    alphas = 1 - betas
+    abar = torch.cumprod(alphas, 0)
+    a, b, ap = alphas[t].view(-1, 1, 1, 1), betas[t].view(-1, 1, 1, 1), abar[t - 1].view(-1, 1, 1, 1)
+    precision = a / b + 1 / (1 - ap)
+    var = 1 / precision
+    mean = var * (a.sqrt() / b * x_t + ap.sqrt() / (1 - ap) * x0)
+    got_mean, got_var, got_log_var = d.q_posterior(x0, x_t, t)
+    assert_close(got_mean, mean, atol=1e-10, rtol=1e-9)
+    assert_close(got_var, var.expand_as(x_t), atol=1e-12, rtol=1e-9)
+    assert_close(got_log_var, var.log().expand_as(x_t), atol=1e-9, rtol=1e-9)
+
+
+def test_posterior_mean_is_the_regression_of_x_tminus1_on_x_t():
+    """Monte Carlo: sample x_{t-1} ~ q(.|x0), x_t ~ q(.|x_{t-1}); E[x_{t-1} | x_t] is linear in x_t with
+    the slope posterior_mean_coef2, and the residual variance is beta~_t."""
+    d = GaussianDiffusion(beta_schedule("linear", T))
+    g = torch.Generator().manual_seed(0)
+    t = 200
+    x0 = torch.full((200_000,), 0.7, dtype=torch.float64)
+    x_prev = d.sqrt_abar[t - 1] * x0 + d.sqrt_one_minus_abar[t - 1] * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    x_t = (1 - d.betas[t]).sqrt() * x_prev + d.betas[t].sqrt() * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    cov = torch.cov(torch.stack([x_t, x_prev]))
+    slope = cov[0, 1] / cov[0, 0]
+    residual = cov[1, 1] - cov[0, 1] ** 2 / cov[0, 0]
+    assert abs(slope.item() - d.posterior_mean_coef2[t].item()) < 5e-3
+    assert abs(residual.item() / d.posterior_variance[t].item() - 1) < 2e-2
+
+
+def test_bad_timesteps_raise_clear_errors():
+    d = GaussianDiffusion(beta_schedule("linear", 10))
+    x = torch.zeros(2, 1, 4, 4)
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 9\]"):
+        d.q_sample(x, torch.tensor([0, 10]), x)
+    with pytest.raises(ValueError, match="must have shape"):
+        d.q_sample(x, torch.tensor([1]), x)
+    with pytest.raises(TypeError, match="integer"):
+        d.q_sample(x, torch.tensor([0.5, 1.0]), x)
+    with pytest.raises(ValueError, match="unknown beta schedule"):
+        beta_schedule("quadratic", 10)
+
+
+def test_training_loss_is_l_simple():
+    d = GaussianDiffusion(beta_schedule("linear", T))
+    x0 = torch.rand(4, 1, 4, 4) * 2 - 1
+    t, noise = torch.tensor([0, 10, 500, 999]), torch.randn(4, 1, 4, 4)
+    model = lambda x, tt: 0.5 * x  # noqa: E731
+    loss, _ = d.training_loss(model, x0, t, noise)
+    x_t = d.q_sample(x0, t, noise)
+    assert_close(loss, ((noise - 0.5 * x_t) ** 2).mean())
+
+
+def test_vlb_and_bits_per_dim():
+    """With the true posterior mean (the ideal 'network' x0 prediction), every KL term vanishes; the stratified
+    estimate is unbiased and the exact sum is what it estimates."""
+    d = GaussianDiffusion(beta_schedule("linear", 50, 1e-4, 0.2), variance="fixedsmall", prediction="eps")
+    x0 = (torch.randint(0, 256, (3, 1, 4, 4)).float() / 127.5 - 1)
+    oracle = lambda x_t, t: d.predict_eps_from_x0(x_t, t, x0)  # noqa: E731
+    out = d.bits_per_dim(oracle, x0, generator=torch.Generator().manual_seed(0))
+    assert out["kl"].abs().max() < 1e-6
+    assert (out["decoder"] > 0).all() and out["decoder"].max() < 8
+    blind = lambda x_t, t: torch.zeros_like(x_t)  # noqa: E731
+    x0 = (torch.randint(0, 256, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)).float() / 127.5 - 1)
+    exact = torch.stack([d.bits_per_dim(blind, x0, generator=torch.Generator().manual_seed(s))["kl"] for s in range(30)])
+    estimates = torch.stack([d.bits_per_dim(blind, x0, n_timesteps=9, exact_head=5, generator=torch.Generator().manual_seed(100 + s))["kl"]
+                             for s in range(30)])
+    assert (exact.mean(0) > 1).all()
+    assert_close(estimates.mean(0), exact.mean(0), rtol=0.1, atol=0)
+
+
+def test_discretized_decoder_sums_to_one():
+    from dali_ddpm.diffusion import discretized_gaussian_log_likelihood
+
+    levels = torch.arange(256).float() / 127.5 - 1
+    for mean, log_scale in [(0.0, math.log(0.01)), (0.3, math.log(0.2)), (-0.99, math.log(0.05))]:
+        p = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, mean), torch.full_like(levels, log_scale)).exp()
+        assert abs(p.sum().item() - 1) < 1e-4
