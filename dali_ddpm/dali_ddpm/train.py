@@ -97,8 +97,8 @@ def train(cfg: DDPMConfig) -> dict:
     step, resumed = 0, latest_checkpoint(ckpt_dir)
     if resumed is not None:
         ckpt = load_checkpoint(resumed, map_location=device)
-        saved = {k: ckpt.config.get(k) for k in ("model", "diffusion")}
-        if saved != {"model": cfg.model.to_dict(), "diffusion": cfg.diffusion.to_dict()}:
+        saved = DDPMConfig.from_dict(ckpt.config)
+        if (saved.model, saved.diffusion) != (cfg.model, cfg.diffusion):
             raise ValueError(f"{resumed} was trained with a different model/diffusion config; use another --train.out_dir")
         step = ckpt.restore(model, optimizer, ema)
         if ctx.is_distributed and ctx.rank:

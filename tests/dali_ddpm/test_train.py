@@ -14,22 +14,32 @@ from dali_ddpm.model import UNet
 
 
 def test_overfits_a_single_image():
-    """Trained on one digit only, the sampler must reproduce that digit from pure noise."""
+    """Trained on one digit only, L_simple falls from ~1 to a few hundredths and ancestral sampling from pure
+    noise draws that digit (mean correlation > 0.6 with it; an untrained model's samples stay below 0.5)."""
     torch.manual_seed(0)
     images, _ = load_images("digits", "train", 16)
     target = to_model_range(images[:1])  # (1, 1, 16, 16)
     model = UNet(UNetConfig(in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, image_size=16, num_groups=8))
     diffusion = GaussianDiffusion(beta_schedule("linear", 100, 1e-4, 0.2))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):
+
+    def correlations() -> torch.Tensor:
+        samples, _ = diffusion.p_sample_loop(model, (4, 1, 16, 16), generator=torch.Generator().manual_seed(1))
+        a = samples.flatten(1) - samples.flatten(1).mean(1, keepdim=True)
+        b = target.flatten(1) - target.mean()
+        return (a @ b.T).squeeze(1) / (a.norm(dim=1) * b.norm())
+
+    assert correlations().max() < 0.5
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    first = None
+    for _ in range(300):
         loss, _ = diffusion.training_loss(model, target.expand(8, -1, -1, -1))
+        first = first if first is not None else loss.item()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    samples, _ = diffusion.ddim_sample_loop(model, (4, 1, 16, 16), 20, generator=torch.Generator().manual_seed(1))
-    error = (samples - target).abs().mean().item()
-    baseline = (torch.zeros_like(target) - target).abs().mean().item()
-    assert error < 0.1 < baseline, (error, baseline)
+    assert first > 0.5 and loss.item() < 0.05, (first, loss.item())
+    corr = correlations()
+    assert corr.mean() > 0.6, corr  # measured: 0.96, 0.85, 0.91, 0.37
 
 
 def test_batch_order_is_a_pure_function_of_the_step():
@@ -62,7 +72,7 @@ def test_resume_is_bit_exact(tmp_path):
             assert torch.equal(a.tensors[group][name], b.tensors[group][name]), (group, name)
     assert not torch.equal(a.tensors["model"]["conv_out.weight"], first.tensors["model"]["conv_out.weight"])
     rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [5, 6]
+    assert [r["step"] for r in rows if "loss" in r] == [3, 5, 6]  # the log continues, no duplicated steps
 
 
 def test_cli_rejects_bad_config(tmp_path):
