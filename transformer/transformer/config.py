@@ -138,9 +138,9 @@ class TrainConfig(AxonConfig):
         ),
         "cpu": dict(
             model=TransformerConfig.PRESETS["cpu"],
-            data=dict(max_tokens=2000),
+            data=dict(max_tokens=2000, valid_limit=500),
             train=dict(out_dir="runs/transformer/cpu", warmup=200, lr_factor=0.25, max_steps=100_000, eval_every=100_000,
-                       eval_minutes=5.0, save_every=200, eval_bleu_sentences=200),
+                       eval_minutes=6.0, save_every=200, eval_bleu_sentences=200),
         ),
         "tiny": dict(
             model=TransformerConfig.PRESETS["tiny"] | dict(vocab_size=1000),
