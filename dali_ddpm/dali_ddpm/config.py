@@ -181,9 +181,10 @@ class EvaluateConfig(AxonConfig):
     bpd_images: int = 64  # test images for bits/dim
     bpd_timesteps: int = 100  # stratified Monte-Carlo estimate of the sum over t (T = all timesteps, exact)
     classifier_epochs: int = 2
+    use_ema: bool = True  # evaluate the EMA weights (false: the raw weights)
     seed: int = 0
     device: str = "auto"
-    out: str = ""  # default: run_dir/eval.json
+    out: str = ""  # default: run_dir/eval.json (eval_raw.json without EMA)
 
     def validate(self) -> None:
         bad = [s for s in self.samplers if s not in ("ddpm", "ddim")]

@@ -28,9 +28,11 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     set_threads()
     device = pick_device(cfg.device)
     run_dir = Path(cfg.run_dir)
-    run_cfg, model, diffusion, step = load_run(run_dir, cfg.checkpoint, device=device)
+    run_cfg, model, diffusion, step = load_run(run_dir, cfg.checkpoint, use_ema=cfg.use_ema, device=device)
+    tag = "" if cfg.use_ema else "_raw"
     dataset, size, channels = run_cfg.train.dataset, run_cfg.model.image_size, run_cfg.model.in_channels
-    result: dict = {"run_dir": str(run_dir), "step": step, "dataset": dataset, "n_samples": cfg.n_samples, "threads": torch.get_num_threads()}
+    result: dict = {"run_dir": str(run_dir), "step": step, "dataset": dataset, "n_samples": cfg.n_samples, "threads": torch.get_num_threads(),
+                    "weights": "ema" if cfg.use_ema else "raw"}
 
     start = time.time()
     classifier, accuracy = get_classifier(dataset, size, channels, epochs=cfg.classifier_epochs, seed=cfg.seed, device=device)
@@ -61,7 +63,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         n = cfg.ddpm_samples if sampler == "ddpm" and cfg.ddpm_samples else cfg.n_samples
         x, _, seconds = draw(model, diffusion, n, sampler=sampler, steps=n_steps, batch_size=cfg.batch_size, seed=cfg.seed,
                              device=device, progress=True)
-        save_grid(x[:64], run_dir / f"eval_samples_{name}.png")
+        save_grid(x[:64], run_dir / f"eval_samples_{name}{tag}.png")
         result[name] = {
             "steps": n_steps,
             "n_samples": n,
@@ -91,7 +93,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     }
     if dataset in ("fashion-mnist", "mnist-5k") and size == 32:
         result["bits_per_dim"]["per_28x28_dim_upper_bound"] = round(total.mean().item() * original / (28 * 28), 4)
-    out = Path(cfg.out) if cfg.out else run_dir / "eval.json"
+    out = Path(cfg.out) if cfg.out else run_dir / f"eval{tag}.json"
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps({"bits_per_dim": result["bits_per_dim"]}), flush=True)
     print(f"wrote {out}")
