@@ -66,7 +66,7 @@ class SFTConfig(AxonConfig):
     max_train: int | None = None  # cap the number of demonstrations (tiny runs)
     max_valid: int = 256  # valid-split demonstrations for the held-out loss
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=30, max_steps=600, batch_size=32, eval_every=100, checkpoint_every=100, max_minutes=6.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=30, max_steps=600, batch_size=32, eval_every=100, checkpoint_every=100, max_minutes=4.0))
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
@@ -83,12 +83,12 @@ class RewardConfig(AxonConfig):
 
     sft: str = "runs/instructgpt_rlhf/sft"
     out_dir: str = "runs/instructgpt_rlhf/reward"
-    num_prompts: int = 1024  # training prompts (prefixes of train-split snippets)
+    num_prompts: int = 768  # training prompts (prefixes of train-split snippets)
     num_valid_prompts: int = 128  # held-out prompts (valid split) for pair accuracy
     k: int = 4  # completions per prompt -> C(K,2) pairs (InstructGPT: K = 4..9)
     bt_temperature: float = 0.0  # Bradley-Terry label noise; 0 = the higher ground-truth score always wins
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20, max_steps=400, batch_size=8, eval_every=100, checkpoint_every=100, max_minutes=4.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20, max_steps=400, batch_size=8, eval_every=100, checkpoint_every=100, max_minutes=3.0))
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
@@ -126,7 +126,7 @@ class PPOConfig(AxonConfig):
     ptx_batch_size: int = 8
     ptx_seq_len: int = 64
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=5, max_steps=50, min_lr_ratio=1.0, eval_every=10, checkpoint_every=10, log_every=1, max_minutes=6.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=5, max_steps=50, min_lr_ratio=1.0, eval_every=10, checkpoint_every=10, log_every=1, max_minutes=4.0))
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
@@ -156,7 +156,7 @@ class DPOConfig(AxonConfig):
     loss_type: str = "sigmoid"  # sigmoid (DPO), ipo
     label_smoothing: float = 0.0  # > 0: conservative DPO
     eval_prompts: int = 64  # valid-split prompts for the reward/KL curve logged every eval_every steps
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=10, max_steps=300, min_lr_ratio=1.0, batch_size=16, eval_every=50, checkpoint_every=50, max_minutes=4.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=10, max_steps=300, min_lr_ratio=1.0, batch_size=16, eval_every=50, checkpoint_every=50, max_minutes=2.5))
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
@@ -194,7 +194,7 @@ class PipelineConfig(AxonConfig):
 
     out_dir: str = "runs/instructgpt_rlhf/cpu"
     pretrain_preset: str = "demo"  # an x_llama TrainConfig preset
-    pretrain_overrides: dict = field(default_factory=lambda: {"train": {"max_steps": 600, "max_minutes": 5.0}})  # e.g. {"train": {"max_steps": 300}}
+    pretrain_overrides: dict = field(default_factory=lambda: {"train": {"max_steps": 600, "max_minutes": 4.0}})  # e.g. {"train": {"max_steps": 300}}
     pretrained: str | None = None  # reuse an existing x_llama run dir instead of pretraining
     kl_coefs: tuple[float, ...] = (0.05, 0.2)
     betas: tuple[float, ...] = (0.1, 0.5)
