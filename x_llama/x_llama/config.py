@@ -177,7 +177,7 @@ class TrainConfig(AxonConfig):
         "demo": dict(
             model=dict(_CPU_MODEL, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=2048),
             data=dict(seq_len=128, batch_size=16, tokenizer_chars=2_000_000, max_train_chars=6_000_000, max_valid_chars=300_000),
-            train=dict(out_dir="runs/demo/x_llama", lr=2e-3, warmup_steps=50, max_steps=600, max_minutes=2.5, eval_every=150, eval_batches=10, checkpoint_every=150),
+            train=dict(out_dir="runs/demo/x_llama", lr=2e-3, warmup_steps=30, max_steps=320, max_minutes=3.0, eval_every=80, eval_batches=10, checkpoint_every=80),
         ),
     }
 
@@ -234,7 +234,7 @@ class DemoConfig(AxonConfig):
     """`x-llama demo`: a <= 4 minute pretraining run on en-text that writes <out_dir>/REPORT.md."""
 
     out_dir: str = "runs/demo/x_llama"
-    max_minutes: float = 2.5
+    max_minutes: float = 3.0
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}
 
