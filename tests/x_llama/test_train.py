@@ -116,3 +116,16 @@ def test_cli_train_generate_evaluate(tmp_path, tokenizer_path, capsys):
     assert "perplexity" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"OptimConfig\.max_steps"):
         main(["train", "--preset", "tiny", "--train.max_steps", "0"])
+
+
+def test_demo_writes_a_report_fragment(tmp_path, tokenizer_path, monkeypatch):
+    """`x-llama demo` (with a 4-step run standing in for the 3-minute one) writes REPORT.md for `make demo`."""
+    import x_llama.cli as cli
+
+    monkeypatch.setattr(cli, "train", lambda cfg: train(small_train_config(cfg.train.out_dir, tokenizer_path, max_steps=4, eval_every=2)))
+    out = tmp_path / "demo" / "x_llama"
+    main(["demo", "--out_dir", str(out)])
+    report = (out / "REPORT.md").read_text()
+    assert report.startswith("## Llama 2: Open Foundation and Fine-Tuned Chat Models (x_llama)")
+    assert "![loss](x_llama/loss.png)" in report and (out / "loss.png").is_file()
+    assert "| 4 |" in report and "**In the beginning**" in report
