@@ -176,6 +176,7 @@ class EvaluateConfig(AxonConfig):
     sft: str = "runs/instructgpt_rlhf/sft"
     reward_model: str | None = "runs/instructgpt_rlhf/reward"
     policies: tuple[str, ...] = ()  # run dirs of PPO/DPO policies
+    names: tuple[str, ...] = ()  # optional labels for the policies (default: from each run's config)
     out_dir: str = "runs/instructgpt_rlhf/eval"
     num_prompts: int = 256  # test-split prompts
     num_samples: int = 8  # sample completions written to the report per policy
@@ -186,6 +187,7 @@ class EvaluateConfig(AxonConfig):
 
     def validate(self) -> None:
         require_positive(self, "num_prompts")
+        require(not self.names or len(self.names) == len(self.policies), self, "names", f"give one name per policy ({len(self.policies)}) or none")
 
 
 @dataclass

@@ -123,7 +123,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     prompts = split_prompts(tokenizer, "test", cfg.num_prompts, seed=cfg.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
     rows, samples = [], {}
     base_metrics, base = measure(ref, ref, tokenizer, prompts, s, labeler, seed=cfg.seed, rm=rm)
-    entries = [("SFT", None)] + [(policy_label(p), p) for p in cfg.policies]
+    labels = list(cfg.names) or [policy_label(p) for p in cfg.policies]
+    entries = [("SFT", None)] + list(zip(labels, cfg.policies))
     for name, path in entries:
         if path is None:
             metrics, details = base_metrics, base
@@ -133,7 +134,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         rows.append({"name": name, "path": path, **metrics})
         samples[name] = [{"text": t, "truth": v} for t, v in list(zip(details["texts"], details["truth"]))[: cfg.num_samples]]
         print(f"evaluate: {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-    curves = {policy_label(p): training_curve(p) for p in cfg.policies}
+    curves = {name: training_curve(p) for name, p in zip(labels, cfg.policies)}
     frontier_plot(rows, curves, out_dir / "frontier.png")
     result = {"rows": rows, "samples": samples, "num_prompts": len(prompts)}
     (out_dir / "results.json").write_text(json.dumps(result, indent=2))
