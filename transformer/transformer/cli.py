@@ -97,6 +97,7 @@ _main = build_cli("transformer", COMMANDS, "transformer: Attention Is All You Ne
 
 def main(argv: Sequence[str] | None = None):
     """Like the shared CLI, plus positional text for `translate`: transformer translate --run_dir R "Hello." "Bye."."""
+    from_console = argv is None  # as a console script, return None: sys.exit(result) would print the result
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "translate":
         options, texts, i = [], [], 1
@@ -115,7 +116,8 @@ def main(argv: Sequence[str] | None = None):
         if texts:
             options += ["--text", json.dumps(texts)]
         argv = ["translate", *options]
-    return _main(argv)
+    result = _main(argv)
+    return None if from_console else result
 
 
 if __name__ == "__main__":
