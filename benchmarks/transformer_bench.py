@@ -90,13 +90,13 @@ def main() -> None:
     t_theirs = time_training(train_step(theirs, lambda: theirs(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt_in).logits), steps)
     rows = [("training tokens/s", n_tokens / t_ours, n_tokens / t_theirs)]
 
-    # ---- beam-4 decoding: fixed output length (eos suppressed until the limit) -----------------------------------
+    # ---- beam-4 decoding: fixed output length (eos banned before out_len tokens in both) ---------------------------
     ours.eval(), theirs.eval()
     dec_src = src[:n_sentences]
     with torch.no_grad():
-        beam_search(ours, dec_src[:2], beam_size=4, max_len=4)  # warm-up
+        beam_search(ours, dec_src[:2], beam_size=4, max_len=4, min_len=3)  # warm-up
         start = time.perf_counter()
-        hyps = beam_search(ours, dec_src, beam_size=4, alpha=0.6, max_len=out_len + 1, early_stopping=True)
+        hyps = beam_search(ours, dec_src, beam_size=4, alpha=0.6, max_len=out_len + 1, min_len=out_len, early_stopping=True)
         t_ours = time.perf_counter() - start
         ours_len = sum(len(h[0].tokens) for h in hyps) / len(hyps)
         kwargs = dict(num_beams=4, max_new_tokens=out_len + 1, min_new_tokens=out_len, early_stopping=True, length_penalty=0.6, do_sample=False)
@@ -108,7 +108,7 @@ def main() -> None:
     rows.append(("beam-4 sentences/s", n_sentences / t_ours, n_sentences / t_theirs))
 
     print(f"training batch: {batch} sentences, {n_tokens} target tokens; decoding: {n_sentences} sentences, "
-          f"mean output length ours {ours_len:.1f} / Marian {theirs_len:.1f} tokens")
+          f"mean output tokens ours {ours_len:.1f} (+ eos) / Marian {theirs_len:.1f} (incl. eos)")
     print(f"{'metric':<22}{'ours':>12}{'Marian':>12}{'ours/theirs':>14}")
     for name, a, b in rows:
         print(f"{name:<22}{a:>12.1f}{b:>12.1f}{a / b:>14.2f}")

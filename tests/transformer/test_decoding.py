@@ -146,3 +146,10 @@ def test_batched_beam_equals_one_by_one(half_trained):
         single = beam_search(half_trained, row, beam_size=3, max_len=12)[0]
         assert [h.tokens for h in single] == [h.tokens for h in batched[i]]
         assert_close(torch.tensor([h.score for h in single]), torch.tensor([h.score for h in batched[i]]), rtol=1e-5, atol=1e-5)
+
+
+def test_min_len_bans_early_eos(half_trained):
+    src = sources(5)
+    assert min(len(g) for g in greedy_decode(half_trained, src, max_len=12)) < 5
+    assert min(len(g) for g in greedy_decode(half_trained, src, max_len=12, min_len=5)) >= 5
+    assert min(len(h[0].tokens) for h in beam_search(half_trained, src, beam_size=3, max_len=12, min_len=5)) >= 5

@@ -46,8 +46,9 @@ def _force_eos(scores: Tensor, rows: Tensor, eos_id: int) -> Tensor:
 
 
 @torch.no_grad()
-def greedy_decode(model: Transformer, src: Tensor, max_len: int | None = None, *, max_len_a: float = 1.0, max_len_b: int = 50) -> list[list[int]]:
-    """argmax decoding: src (B, S) right-padded -> B token lists (no bos/eos)."""
+def greedy_decode(model: Transformer, src: Tensor, max_len: int | None = None, *, max_len_a: float = 1.0, max_len_b: int = 50,
+                  min_len: int = 0) -> list[list[int]]:
+    """argmax decoding: src (B, S) right-padded -> B token lists (no bos/eos); eos is banned before min_len tokens."""
     cfg = model.config
     memory, src_mask = model.encode(src)
     limits = _limits(model, src, max_len, max_len_a, max_len_b)
@@ -58,6 +59,8 @@ def greedy_decode(model: Transformer, src: Tensor, max_len: int | None = None, *
     tokens = torch.full((batch, 1), cfg.bos_id, dtype=torch.long, device=src.device)
     for t in range(out.shape[1]):
         logits = model.decode_step(tokens, cache)[:, -1].float()  # (n, V)
+        if t < min_len:
+            logits[:, cfg.eos_id] = float("-inf")
         logits = _force_eos(logits, t + 1 >= limits[active], cfg.eos_id)
         nxt = logits.argmax(-1)  # (n,)
         out[active, t] = nxt
@@ -81,6 +84,7 @@ def beam_search(
     max_len_b: int = 50,
     *,
     max_len: int | None = None,
+    min_len: int = 0,
     early_stopping: bool = True,
 ) -> list[list[Hypothesis]]:
     """Batched beam search; per sentence, up to beam_size hypotheses sorted by penalised score (best first).
@@ -115,7 +119,10 @@ def beam_search(
         n = active.numel()
         logits = model.decode_step(tokens, cache)[:, -1].float()  # (n*K, V)
         at_limit = (t + 1 >= limits[active]).repeat_interleave(k)
-        logp = _force_eos(torch.log_softmax(logits, dim=-1), at_limit, cfg.eos_id)
+        logp = torch.log_softmax(logits, dim=-1)
+        if t < min_len:  # at least min_len tokens before eos
+            logp[:, cfg.eos_id] = float("-inf")
+        logp = _force_eos(logp, at_limit, cfg.eos_id)
         vocab = logp.shape[-1]
         cand = (alive_logp[:, :, None] + logp.view(n, k, vocab)).view(n, k * vocab)
         top_logp, top_idx = cand.topk(min(2 * k, k * vocab), dim=-1)  # (n, 2K)
