@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import torch
@@ -45,12 +46,18 @@ def make_batch(cfg: TransformerConfig, batch: int, length: int, seed: int = 0):
     return src, tgt_in, tgt_out
 
 
-def time_training(step, steps: int) -> float:
-    step()  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
+def interleaved_times(fns: list, rounds: int) -> list[float]:
+    """Median seconds per call of each function, calling them in alternation (one warm-up call each), so that
+    load from other processes on a shared machine hits both sides alike."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -62,8 +69,8 @@ def main() -> None:
     if threads:
         torch.set_num_threads(threads)
     cfg = TransformerConfig.from_preset("tiny" if args.quick else args.preset, max_len=128)
-    batch, length, steps = (8, 12, 1) if args.quick else (64, 32, 5)
-    n_sentences, out_len = (4, 8) if args.quick else (32, 30)
+    batch, length, steps = (8, 12, 1) if args.quick else (64, 32, 7)
+    n_sentences, out_len, decode_rounds = (4, 8, 1) if args.quick else (32, 30, 3)
     torch.manual_seed(0)
     ours, theirs = Transformer(cfg), marian_like(cfg)
     src, tgt_in, tgt_out = make_batch(cfg, batch, length)
@@ -86,28 +93,31 @@ def main() -> None:
 
     ours.train(), theirs.train()
     src_mask = (src != cfg.pad_id).long()
-    t_ours = time_training(train_step(ours, lambda: ours(src, tgt_in)), steps)
-    t_theirs = time_training(train_step(theirs, lambda: theirs(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt_in).logits), steps)
+    t_ours, t_theirs = interleaved_times(
+        [train_step(ours, lambda: ours(src, tgt_in)),
+         train_step(theirs, lambda: theirs(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt_in).logits)], steps)
     rows = [("training tokens/s", n_tokens / t_ours, n_tokens / t_theirs)]
 
     # ---- beam-4 decoding: fixed output length (eos banned before out_len tokens in both) ---------------------------
     ours.eval(), theirs.eval()
-    dec_src = src[:n_sentences]
-    with torch.no_grad():
-        beam_search(ours, dec_src[:2], beam_size=4, max_len=4, min_len=3)  # warm-up
-        start = time.perf_counter()
-        hyps = beam_search(ours, dec_src, beam_size=4, alpha=0.6, max_len=out_len + 1, min_len=out_len, early_stopping=True)
-        t_ours = time.perf_counter() - start
-        ours_len = sum(len(h[0].tokens) for h in hyps) / len(hyps)
-        kwargs = dict(num_beams=4, max_new_tokens=out_len + 1, min_new_tokens=out_len, early_stopping=True, length_penalty=0.6, do_sample=False)
-        theirs.generate(input_ids=dec_src[:2], attention_mask=src_mask[:2], **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 3})
-        start = time.perf_counter()
-        generated = theirs.generate(input_ids=dec_src, attention_mask=src_mask[:n_sentences], **kwargs)
-        t_theirs = time.perf_counter() - start
-        theirs_len = (generated[:, 1:] != cfg.pad_id).sum(1).float().mean().item()
+    dec_src, dec_mask = src[:n_sentences], src_mask[:n_sentences]
+    kwargs = dict(num_beams=4, max_new_tokens=out_len + 1, min_new_tokens=out_len, early_stopping=True, length_penalty=0.6, do_sample=False)
+    outputs = {}
+
+    @torch.no_grad()
+    def decode_ours():
+        outputs["ours"] = beam_search(ours, dec_src, beam_size=4, alpha=0.6, max_len=out_len + 1, min_len=out_len, early_stopping=True)
+
+    @torch.no_grad()
+    def decode_theirs():
+        outputs["theirs"] = theirs.generate(input_ids=dec_src, attention_mask=dec_mask, **kwargs)
+
+    t_ours, t_theirs = interleaved_times([decode_ours, decode_theirs], decode_rounds)
+    ours_len = sum(len(h[0].tokens) for h in outputs["ours"]) / n_sentences
+    theirs_len = (outputs["theirs"][:, 1:] != cfg.pad_id).sum(1).float().mean().item()
     rows.append(("beam-4 sentences/s", n_sentences / t_ours, n_sentences / t_theirs))
 
-    print(f"training batch: {batch} sentences, {n_tokens} target tokens; decoding: {n_sentences} sentences, "
+    print(f"training batch: {batch} sentences, {n_tokens} target tokens; decoding: {n_sentences} sentences; medians of {steps} / {decode_rounds} interleaved repetitions; "
           f"mean output tokens ours {ours_len:.1f} (+ eos) / Marian {theirs_len:.1f} (incl. eos)")
     print(f"{'metric':<22}{'ours':>12}{'Marian':>12}{'ours/theirs':>14}")
     for name, a, b in rows:
