@@ -224,13 +224,13 @@ class PipelineConfig(AxonConfig):
         "demo": dict(
             out_dir="runs/demo/instructgpt_rlhf",
             pretrain_preset="tiny",
-            pretrain_overrides={"train": {"max_steps": 150, "max_minutes": 0.8, "eval_every": 150, "checkpoint_every": 150, "progress": False}},
+            pretrain_overrides={"train": {"max_steps": 250, "max_minutes": 1.0, "eval_every": 250, "checkpoint_every": 250, "progress": False}},
             kl_coefs=(0.05,),
             betas=(0.1,),
-            sft=dict(max_len=48, max_valid=64, optim=dict(lr=1e-3, max_steps=150, batch_size=32, warmup_steps=10, eval_every=75, checkpoint_every=75, max_minutes=0.8, progress=False)),
+            sft=dict(max_len=48, max_valid=64, optim=dict(lr=1e-3, max_steps=250, batch_size=32, warmup_steps=10, eval_every=125, checkpoint_every=125, max_minutes=0.8, progress=False)),
             reward=dict(num_prompts=160, num_valid_prompts=40, sampling=dict(max_new_tokens=24), optim=dict(lr=3e-4, max_steps=60, batch_size=8, warmup_steps=5, eval_every=30, checkpoint_every=30, max_minutes=0.6, progress=False)),
-            ppo=dict(num_prompts=512, eval_prompts=32, sampling=dict(max_new_tokens=24, batch_size=32), minibatch_size=16, optim=dict(lr=5e-5, max_steps=12, warmup_steps=2, min_lr_ratio=1.0, eval_every=4, checkpoint_every=4, log_every=1, max_minutes=0.7, progress=False)),
-            dpo=dict(eval_prompts=32, optim=dict(lr=5e-5, max_steps=60, batch_size=16, warmup_steps=5, min_lr_ratio=1.0, eval_every=20, checkpoint_every=20, max_minutes=0.5, progress=False)),
+            ppo=dict(num_prompts=512, eval_prompts=32, sampling=dict(max_new_tokens=24, batch_size=32), minibatch_size=16, optim=dict(lr=5e-5, max_steps=24, warmup_steps=2, min_lr_ratio=1.0, eval_every=8, checkpoint_every=8, log_every=1, max_minutes=0.8, progress=False)),
+            dpo=dict(eval_prompts=32, optim=dict(lr=2e-4, max_steps=100, batch_size=16, warmup_steps=5, min_lr_ratio=1.0, eval_every=25, checkpoint_every=25, max_minutes=0.5, progress=False)),
             evaluate=dict(num_prompts=96, num_samples=3, sampling=dict(max_new_tokens=24)),
         ),
     }
