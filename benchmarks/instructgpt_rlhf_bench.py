@@ -163,7 +163,7 @@ def main() -> None:
     print(f"{'measure':<36} {'ours':>12} {'reference':>12} {'ours/ref':>9}   reference")
     refs = ["trl 1.16 DPOTrainer.compute_loss", "transformers generate() (HF wrapper)", "same update, HF generate() rollout"]
     for (name, ours, theirs), ref_name in zip(rows, refs):
-        print(f"{name:<36} {ours:>12.1f} {theirs:>12.1f} {ours / theirs:>8.2f}x   {ref_name}")
+        print(f"{name:<36} {ours:>12.4g} {theirs:>12.4g} {ours / theirs:>8.2f}x   {ref_name}")
 
 
 if __name__ == "__main__":
