@@ -45,12 +45,8 @@ def parse_command(prog: str, command: Command, argv: Sequence[str]) -> AxonConfi
     except ConfigError as error:
         raise SystemExit(f"{prog}: error: {error}") from None
     parser = ArgumentParser(prog=prog, description=command.help, exit_on_error=True)
-    parser.add_argument(
-        "--preset",
-        default=preset,
-        choices=sorted(cls.PRESETS) or None,
-        help="named starting configuration (the other flags override it)",
-    )
+    preset_choices = {"choices": sorted(cls.PRESETS)} if cls.PRESETS else {}
+    parser.add_argument("--preset", default=preset, help="named starting configuration (the other flags override it)", **preset_choices)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML/TOML/JSON file of overrides")
     parser.add_class_arguments(cls, nested_key=None, default=default)
     try:

@@ -114,3 +114,10 @@ def test_cli_layers_preset_file_and_flags(tmp_path, capsys):
         main(["train", "--inner.dim", "7"])
     with pytest.raises(SystemExit, match="unknown command"):
         main(["fly"])
+
+
+def test_cli_accepts_a_config_without_presets():
+    seen = []
+    main = build_cli("demo", {"run": Command(seen.append, Inner, "run")})
+    main(["run", "--dim", "12", "--heads", "3"])
+    assert seen == [Inner(dim=12, heads=3)]
