@@ -61,6 +61,9 @@ def build_cli(prog: str, commands: dict[str, Command], description: str = "") ->
     """Return `main(argv=None)` dispatching `prog <command> ...` to the command's run(config)."""
 
     def main(argv: Sequence[str] | None = None) -> Any:
+        """Programmatic calls (argv given) get the command's return value; as a console script (argv None) it
+        returns None, since `sys.exit(value)` would print a non-None value and exit with status 1."""
+        from_console = argv is None
         argv = list(sys.argv[1:] if argv is None else argv)
         if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
             lines = [description or prog, "", f"usage: {prog} <command> [--preset NAME] [--config FILE] [--SECTION.FIELD VALUE ...]", "", "commands:"]
@@ -71,6 +74,7 @@ def build_cli(prog: str, commands: dict[str, Command], description: str = "") ->
             return None
         command = commands[argv[0]]
         config = parse_command(f"{prog} {argv[0]}", command, argv[1:])
-        return command.run(config)
+        result = command.run(config)
+        return None if from_console else result
 
     return main

@@ -121,3 +121,10 @@ def test_cli_accepts_a_config_without_presets():
     main = build_cli("demo", {"run": Command(seen.append, Inner, "run")})
     main(["run", "--dim", "12", "--heads", "3"])
     assert seen == [Inner(dim=12, heads=3)]
+
+
+def test_console_invocation_exits_zero(monkeypatch):
+    main = build_cli("demo", {"run": Command(lambda cfg: {"a": 1}, Inner, "run")})
+    assert main(["run"]) == {"a": 1}
+    monkeypatch.setattr("sys.argv", ["demo", "run"])
+    assert main() is None  # sys.exit(None) exits 0
