@@ -18,7 +18,9 @@ $(VENV)/.installed: $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	$(PIP) install -q --upgrade pip
 	# the CPU wheel first: an unpinned torch would pull a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q $(foreach p,$(PACKAGES),-e '$(p)[test]')
+	# compat editable mode puts each project folder on sys.path, so `import x_llama` from the repository root finds
+	# the package and not the bare folder x_llama/ (which Python would otherwise take as a namespace package)
+	$(PIP) install -q --config-settings editable_mode=compat $(foreach p,$(PACKAGES),-e '$(p)[test]')
 	touch $@
 
 install: $(VENV)/.installed

@@ -4,7 +4,7 @@
 
 Measures training throughput (target tokens/s of forward + backward + Adam step, dropout on) and beam-4
 decoding throughput (sentences/s, fixed output length so both do the same work), and prints ours/theirs.
-Run it through /tmp/cpu_slot on the shared machine (1 thread).
+Set AXON_THREADS=1 to measure on one thread, as the README's numbers were.
 """
 
 from __future__ import annotations

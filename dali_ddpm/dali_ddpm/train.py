@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from axon_shared.distributed import set_threads
 from axon_shared import (
     EMA,
     MetricsLogger,
@@ -40,11 +41,6 @@ from .diffusion import GaussianDiffusion
 from .model import UNet, count_parameters
 from .viz import save_grid
 
-
-def set_threads() -> None:
-    threads = int(os.environ.get("AXON_THREADS", 0))
-    if threads:
-        torch.set_num_threads(threads)
 
 
 def build(cfg: DDPMConfig, device: torch.device | str = "cpu") -> tuple[UNet, GaussianDiffusion]:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from axon_shared.distributed import set_threads
 from axon_shared.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from axon_shared.metrics import MetricsLogger
 from axon_shared.progress import progress_bar
@@ -25,11 +26,6 @@ from torch import nn
 
 from .config import OptimConfig
 
-
-def set_threads() -> None:
-    threads = int(os.environ.get("AXON_THREADS", 0) or 0)
-    if threads:
-        torch.set_num_threads(threads)
 
 
 def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:

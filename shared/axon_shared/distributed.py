@@ -30,6 +30,13 @@ class DistContext:
         return self.world_size > 1
 
 
+def set_threads(default: int = 0) -> None:
+    """torch's CPU thread count from $AXON_THREADS (else `default`; 0 leaves torch's choice alone)."""
+    threads = int(os.environ.get("AXON_THREADS", 0) or 0) or default
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """'auto' -> cuda if available, else cpu; anything else is passed to torch.device."""
     if requested == "auto":

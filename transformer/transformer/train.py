@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import torch
+from axon_shared.distributed import set_threads
 from axon_shared.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from axon_shared.distributed import DistContext, barrier, cleanup_distributed, setup_distributed, wrap_model
 from axon_shared.metrics import MetricsLogger, plot_metrics
@@ -29,11 +30,6 @@ from .inference import TOKENIZER_FILE, bleu
 from .loss import label_smoothed_loss
 from .model import Transformer, count_parameters
 
-
-def set_threads() -> None:
-    threads = int(os.environ.get("AXON_THREADS", 0))
-    if threads:
-        torch.set_num_threads(threads)
 
 
 @torch.no_grad()

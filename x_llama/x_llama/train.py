@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from axon_shared.distributed import set_threads
 from axon_shared.checkpoint import (
     CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
 )
@@ -33,11 +34,6 @@ from .model import Llama, lm_loss
 
 SAMPLE_PROMPTS = ("In the beginning", "To be, or not to be", "It is a truth universally acknowledged", "And the LORD said")
 
-
-def set_threads(default: int = 0) -> None:
-    threads = int(os.environ.get("AXON_THREADS", 0)) or default
-    if threads:
-        torch.set_num_threads(threads)
 
 
 def training_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
