@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from axon_shared import load_checkpoint
 
-WORKER = Path(__file__).with_name("_ddp_worker.py")
+WORKER = Path(__file__).with_name("_shared_ddp_worker.py")
 
 
 def test_two_process_ddp_step_equals_single_process(tmp_path):
@@ -24,7 +24,7 @@ def test_two_process_ddp_step_equals_single_process(tmp_path):
 
     sys.path.insert(0, str(WORKER.parent))
     try:
-        from _ddp_worker import make_problem
+        from _shared_ddp_worker import make_problem
     finally:
         sys.path.pop(0)
     model, x, y = make_problem()

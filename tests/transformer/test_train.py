@@ -196,7 +196,7 @@ def test_ddp_two_ranks_equal_one_process_with_accumulation(tmp_path):
     import sys
     from pathlib import Path
 
-    worker = Path(__file__).with_name("_ddp_worker.py")
+    worker = Path(__file__).with_name("_transformer_ddp_worker.py")
     out = tmp_path / "ddp.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker), str(out)]
@@ -204,7 +204,7 @@ def test_ddp_two_ranks_equal_one_process_with_accumulation(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     sys.path.insert(0, str(worker.parent))
     try:
-        from _ddp_worker import make_problem
+        from _transformer_ddp_worker import make_problem
     finally:
         sys.path.pop(0)
     cfg, model, micro = make_problem()
