@@ -140,7 +140,6 @@ class SampleConfig(AxonConfig):
     """`dali-ddpm sample`: a PNG grid (and a denoising-trajectory figure) from a trained run's EMA weights."""
 
     # (axon_shared.cli needs a non-empty PRESETS to build --preset choices)
-    PRESETS: ClassVar[dict] = {"default": {}}
 
 
     run_dir: str = "runs/dali_ddpm/cpu"
@@ -167,7 +166,6 @@ class EvaluateConfig(AxonConfig):
     """`dali-ddpm evaluate`: FID-C (classifier-feature FID) vs its floor, class histogram, bits/dim, timings."""
 
     # (axon_shared.cli needs a non-empty PRESETS to build --preset choices)
-    PRESETS: ClassVar[dict] = {"default": {}}
 
 
     run_dir: str = "runs/dali_ddpm/cpu"
@@ -198,7 +196,6 @@ class DemoConfig(AxonConfig):
     """`dali-ddpm demo`: a <= 4 minute train + sample + evaluate on Fashion-MNIST writing REPORT.md."""
 
     # (axon_shared.cli needs a non-empty PRESETS to build --preset choices)
-    PRESETS: ClassVar[dict] = {"default": {}}
 
 
     out_dir: str = "runs/demo/dali_ddpm"

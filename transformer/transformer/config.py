@@ -169,7 +169,6 @@ class EvaluateConfig(AxonConfig):
     out: str = ""  # write a JSON with scores and signature here (default: run_dir/eval_<split>.json)
     device: str = "auto"
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}  # axon_shared.cli needs at least one preset
 
     def validate(self) -> None:
         require_choice(self, "split", ["train", "valid", "test"])
@@ -191,7 +190,6 @@ class TranslateConfig(AxonConfig):
     batch_size: int = 64
     device: str = "auto"
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}  # axon_shared.cli needs at least one preset
 
     def validate(self) -> None:
         require_positive(self, "average_last", "beam_size", "batch_size")
@@ -205,7 +203,6 @@ class AverageConfig(AxonConfig):
     last: int = 5
     out: str = ""  # default: run_dir/checkpoints/averaged.safetensors
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}  # axon_shared.cli needs at least one preset
 
     def validate(self) -> None:
         require_positive(self, "last")
@@ -219,7 +216,6 @@ class DemoConfig(AxonConfig):
     minutes: float = 2.5
     eval_sentences: int = 200
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}  # axon_shared.cli needs at least one preset
 
     def validate(self) -> None:
         require(self.minutes > 0, self, "minutes", "must be > 0")

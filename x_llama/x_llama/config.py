@@ -236,7 +236,6 @@ class DemoConfig(AxonConfig):
     out_dir: str = "runs/demo/x_llama"
     max_minutes: float = 3.0
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"default": {}}
 
     def validate(self) -> None:
         require_positive(self, "max_minutes")
