@@ -139,8 +139,10 @@ class TrainConfig(AxonConfig):
         "cpu": dict(
             model=TransformerConfig.PRESETS["cpu"],
             data=dict(max_tokens=2000, valid_limit=500),
-            train=dict(out_dir="runs/transformer/cpu", warmup=200, lr_factor=0.25, max_steps=100_000, eval_every=100_000,
-                       eval_minutes=6.0, save_every=200, eval_bleu_sentences=200),
+            # bf16 autocast doubles CPU throughput where the CPU has AVX512-BF16 (measured: 4,700 vs 2,400 target tokens/s
+            # on 2 cores); peak lr = 0.3 * 256^-0.5 * 300^-0.5 = 1.1e-3 (2e-3 diverged with post-norm).
+            train=dict(out_dir="runs/transformer/cpu", warmup=300, lr_factor=0.3, bf16=True, max_steps=100_000, eval_every=100_000,
+                       eval_minutes=5.0, save_every=200, eval_bleu_sentences=200),
         ),
         "tiny": dict(
             model=TransformerConfig.PRESETS["tiny"] | dict(vocab_size=1000),
