@@ -85,10 +85,11 @@ class TrainSection(AxonConfig):
     warmup: int = 5000
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay_n = min(ema_decay, (1 + n) / (10 + n)); for runs much shorter than 1 / (1 - ema_decay)
     random_flip: bool = True
     bf16: bool = False  # autocast the UNet forward to bfloat16
     max_steps: int = 800_000
-    max_minutes: float = 0.0  # wall-clock budget; 0 = none
+    max_minutes: float = 0.0  # wall-clock budget for the whole run, across resumes; 0 = none
     seed: int = 0
     device: str = "auto"
     out_dir: str = "runs/dali_ddpm/default"
@@ -122,7 +123,7 @@ class DDPMConfig(AxonConfig):
         "cifar10": dict(model=UNetConfig.PRESETS["cifar10"]),
         "cpu": dict(
             model=UNetConfig.PRESETS["cpu"],
-            train=dict(batch_size=64, lr=5e-4, warmup=100, ema_decay=0.995, random_flip=False, max_steps=100_000, max_minutes=30.0,
+            train=dict(batch_size=64, lr=5e-4, warmup=100, ema_decay=0.9995, ema_warmup=True, bf16=True, random_flip=False, max_steps=100_000, max_minutes=30.0,
                        log_every=25, eval_every=250, sample_every=1000, ckpt_every=500, out_dir="runs/dali_ddpm/cpu"),
         ),
         "tiny": dict(

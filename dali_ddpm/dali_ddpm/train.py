@@ -87,16 +87,17 @@ def train(cfg: DDPMConfig) -> dict:
         raise ValueError(f"batch_size={tc.batch_size} must be divisible by the number of processes ({ctx.world_size})")
 
     model, diffusion = build(cfg, device)
-    ema = EMA(model, tc.ema_decay)
+    ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr)
     schedule = WarmupConstantSchedule(tc.lr, tc.warmup)
-    step, resumed = 0, latest_checkpoint(ckpt_dir)
+    step, resumed, elapsed_before = 0, latest_checkpoint(ckpt_dir), 0.0
     if resumed is not None:
         ckpt = load_checkpoint(resumed, map_location=device)
         saved = DDPMConfig.from_dict(ckpt.config)
         if (saved.model, saved.diffusion) != (cfg.model, cfg.diffusion):
             raise ValueError(f"{resumed} was trained with a different model/diffusion config; use another --train.out_dir")
         step = ckpt.restore(model, optimizer, ema)
+        elapsed_before = float(ckpt.extra.get("elapsed", 0.0))  # max_minutes is a budget for the whole run, across resumes
         if ctx.is_distributed and ctx.rank:
             seed_everything(tc.seed + ctx.rank + 7919 * step)
     if ctx.is_main:
@@ -112,7 +113,7 @@ def train(cfg: DDPMConfig) -> dict:
     def checkpoint(metrics: dict) -> None:
         if ctx.is_main:
             save_checkpoint(checkpoint_path(ckpt_dir, step), model=model, step=step, config=cfg.to_dict(), optimizer=optimizer,
-                            ema=ema, metrics=metrics, extra={"n_params": n_params})
+                            ema=ema, metrics=metrics, extra={"n_params": n_params, "elapsed": time.time() - start})
             prune_checkpoints(ckpt_dir, tc.keep_last)
 
     def sample_png(name: str) -> None:
@@ -123,7 +124,7 @@ def train(cfg: DDPMConfig) -> dict:
                 model.train()
             save_grid(x, out / name)
 
-    start, last_log, seen = time.time(), time.time(), 0
+    start, last_log, seen = time.time() - elapsed_before, time.time(), 0
     losses: list[float] = []
     metrics: dict = {}
     bar = progress_bar(total=tc.max_steps, initial=step, enabled=ctx.is_main, desc="train")
@@ -143,7 +144,7 @@ def train(cfg: DDPMConfig) -> dict:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
         optimizer.step()
-        ema.update(model)
+        ema.update(model, step)
         step += 1
         seen += tc.batch_size
         losses.append(loss.item())

@@ -54,6 +54,21 @@ def test_ema_arithmetic():
         EMA(model, decay=1.0)
 
 
+def test_ema_warmup_decay():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema = EMA(model, decay=0.999, warmup=True)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(90) == pytest.approx(0.91)
+    assert ema.decay_at(10**6) == 0.999  # capped at the configured decay
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    ema.update(model, step=0)  # 0.1 * 1 + 0.9 * 3: the first update nearly copies the weights
+    assert_close(ema.shadow["weight"], torch.full((1, 2), 2.8))
+    with pytest.raises(ValueError, match="step"):
+        ema.update(model)
+
+
 def test_metrics_logger_resume_drops_later_rows(tmp_path):
     path = tmp_path / "metrics.jsonl"
     log = MetricsLogger(path)
