@@ -31,6 +31,7 @@ class OptimConfig(AxonConfig):
     log_every: int = 10
     seed: int = 0
     progress: bool = True
+    bf16: bool = False  # autocast the stage's forward passes to bfloat16 (about 2x on CPUs with AVX512-BF16)
 
     def validate(self) -> None:
         require_positive(self, "lr", "batch_size", "max_steps", "checkpoint_every", "eval_every", "log_every")
@@ -66,7 +67,7 @@ class SFTConfig(AxonConfig):
     max_train: int | None = None  # cap the number of demonstrations (tiny runs)
     max_valid: int = 256  # valid-split demonstrations for the held-out loss
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=30, max_steps=600, batch_size=32, eval_every=100, checkpoint_every=100, max_minutes=4.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=30, max_steps=600, batch_size=32, eval_every=100, checkpoint_every=100, max_minutes=4.0, bf16=True))
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
@@ -83,16 +84,16 @@ class RewardConfig(AxonConfig):
 
     sft: str = "runs/instructgpt_rlhf/sft"
     out_dir: str = "runs/instructgpt_rlhf/reward"
-    num_prompts: int = 768  # training prompts (prefixes of train-split snippets)
-    num_valid_prompts: int = 128  # held-out prompts (valid split) for pair accuracy
-    k: int = 4  # completions per prompt -> C(K,2) pairs (InstructGPT: K = 4..9)
+    num_prompts: int = 8192  # training prompts (prefixes of train-split snippets)
+    num_valid_prompts: int = 256  # held-out prompts (valid split) for pair accuracy
+    k: int = 6  # completions per prompt -> C(K,2) pairs (InstructGPT: K = 4..9); each completion is scored once
     bt_temperature: float = 0.0  # Bradley-Terry label noise; 0 = the higher ground-truth score always wins
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20, max_steps=400, batch_size=8, eval_every=100, checkpoint_every=100, max_minutes=3.0))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=50, max_steps=2000, batch_size=8, eval_every=250, checkpoint_every=250, max_minutes=11.0, bf16=True))
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
-        "tiny": dict(num_prompts=16, num_valid_prompts=8, sampling=dict(max_new_tokens=12, batch_size=16), optim=dict(max_steps=6, batch_size=4, eval_every=3, checkpoint_every=3, warmup_steps=1, progress=False)),
+        "tiny": dict(num_prompts=16, num_valid_prompts=8, k=4, sampling=dict(max_new_tokens=12, batch_size=16), optim=dict(max_steps=6, batch_size=4, eval_every=3, checkpoint_every=3, warmup_steps=1, progress=False)),
     }
 
     def validate(self) -> None:
@@ -156,7 +157,8 @@ class DPOConfig(AxonConfig):
     loss_type: str = "sigmoid"  # sigmoid (DPO), ipo
     label_smoothing: float = 0.0  # > 0: conservative DPO
     eval_prompts: int = 64  # valid-split prompts for the reward/KL curve logged every eval_every steps
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=10, max_steps=300, min_lr_ratio=1.0, batch_size=16, eval_every=50, checkpoint_every=50, max_minutes=2.5))
+    max_valid_pairs: int = 1024  # held-out pairs for the valid margin / accuracy
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=10, max_steps=130, min_lr_ratio=1.0, batch_size=16, eval_every=65, checkpoint_every=65, max_minutes=3.0))
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
@@ -164,7 +166,7 @@ class DPOConfig(AxonConfig):
     }
 
     def validate(self) -> None:
-        require_positive(self, "beta")
+        require_positive(self, "beta", "max_valid_pairs")
         require_choice(self, "loss_type", ["sigmoid", "ipo"])
         require(0 <= self.label_smoothing < 0.5, self, "label_smoothing", "must be in [0, 0.5)")
 
@@ -196,9 +198,9 @@ class PipelineConfig(AxonConfig):
 
     out_dir: str = "runs/instructgpt_rlhf/cpu"
     pretrain_preset: str = "demo"  # an x_llama TrainConfig preset
-    pretrain_overrides: dict = field(default_factory=lambda: {"train": {"max_steps": 600, "max_minutes": 4.0}})  # e.g. {"train": {"max_steps": 300}}
+    pretrain_overrides: dict = field(default_factory=lambda: {"train": {"max_steps": 1600, "max_minutes": 7.0, "bf16": True, "eval_every": 200, "checkpoint_every": 200}})  # e.g. {"train": {"max_steps": 300}}
     pretrained: str | None = None  # reuse an existing x_llama run dir instead of pretraining
-    kl_coefs: tuple[float, ...] = (0.05, 0.2)
+    kl_coefs: tuple[float, ...] = (0.05, 0.2, 0.5)
     betas: tuple[float, ...] = (0.1, 0.5)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

@@ -3,7 +3,8 @@
     L_DPO = -E log sigma( beta log pi(y_w|x)/ref(y_w|x) - beta log pi(y_l|x)/ref(y_l|x) )        (eq. 7)
 
 The pairs are the reward stage's: completions sampled from the SFT model and labelled by the ground truth (every
-untied pair of the K per prompt). ref = the SFT model; its log-probs are computed once up front (it is frozen).
+untied pair of the K per prompt). ref = the SFT model, frozen: its log-probs are computed without gradients for each
+training batch (a run visits only a fraction of the pairs) and once up front for the held-out pairs.
 Log-probs are sums over completion tokens (prompt and padding masked, EOS kept) in fp32. IPO and conservative DPO
 are `loss_type="ipo"` and `label_smoothing > 0`.
 """
@@ -64,10 +65,8 @@ def run_dpo(cfg: DPOConfig) -> Path:
     if not train:
         raise ValueError(f"{train_path}: no untied preference pairs; sample more prompts or completions (reward.num_prompts, reward.k)")
     valid = preference_pairs(read_jsonl(valid_path)) if valid_path.exists() else []
-    valid = valid or train[:64]  # no held-out pairs (toy runs): report on training pairs
-    with torch.no_grad():  # the frozen reference: once, up front
-        ref_c = completion_logprobs(ref, [p for p, _, _ in train], [c for _, c, _ in train])
-        ref_r = completion_logprobs(ref, [p for p, _, _ in train], [r for _, _, r in train])
+    valid = (valid or train[:64])[: cfg.max_valid_pairs]  # no held-out pairs (toy runs): report on training pairs
+    with torch.no_grad():  # the frozen reference on the held-out pairs: once, up front
         vref_c = completion_logprobs(ref, [p for p, _, _ in valid], [c for _, c, _ in valid])
         vref_r = completion_logprobs(ref, [p for p, _, _ in valid], [r for _, _, r in valid])
     s = json.loads((train_path.parent / "config.json").read_text())["sampling"] if (train_path.parent / "config.json").exists() else {}
@@ -84,9 +83,12 @@ def run_dpo(cfg: DPOConfig) -> Path:
 
     def step_fn(step: int) -> dict:
         idx = batch_indices(len(train), bs, step, cfg.optim.seed)
-        pc, pr = pair_logprobs(policy, [train[i] for i in idx])
+        pairs = [train[i] for i in idx]
+        with torch.no_grad():  # the frozen reference, on this batch only (a run visits a fraction of the pairs)
+            ref_c, ref_r = pair_logprobs(ref, pairs)
+        pc, pr = pair_logprobs(policy, pairs)
         loss, cr, rr = dpo_loss(
-            pc, pr, ref_c[idx], ref_r[idx], cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+            pc, pr, ref_c, ref_r, cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
             chosen_lengths=lengths(idx, 1), rejected_lengths=lengths(idx, 2),
         )
         loss.backward()

@@ -69,9 +69,13 @@ def train_loop(
     last_eval: dict = {}
     bar = progress_bar(range(start, optim.max_steps), enabled=optim.progress, desc=name, initial=start, total=optim.max_steps)
     step = start
+
+    def autocast():
+        return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=optim.bf16)
+
     if eval_at_start and start == 0 and eval_fn is not None:
         model.eval()
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), autocast():
             logger.log(0, **eval_fn(0))
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -84,7 +88,8 @@ def train_loop(
         set_lr(optimizer, schedule(step))
         model.train()
         t0 = time.time()
-        metrics = step_fn(step)
+        with autocast():
+            metrics = step_fn(step)
         if not self_stepping:
             if optim.grad_clip > 0:
                 metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, optim.grad_clip))
@@ -99,7 +104,8 @@ def train_loop(
         out_of_time = optim.max_minutes is not None and (time.time() - began) > 60 * optim.max_minutes
         if eval_fn is not None and (done % optim.eval_every == 0 or done == optim.max_steps or out_of_time):
             model.eval()
-            last_eval = eval_fn(done)
+            with autocast():
+                last_eval = eval_fn(done)
             logger.log(done, **last_eval)
         if done % optim.checkpoint_every == 0 or done == optim.max_steps or out_of_time:
             checkpoint(done)

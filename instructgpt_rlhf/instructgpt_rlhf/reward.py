@@ -104,7 +104,8 @@ def run_reward(cfg: RewardConfig) -> Path:
     for split, (path, n) in files.items():
         if not path.exists():
             prompts = split_prompts(tokenizer, split, n, seed=cfg.optim.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
-            records = build_preferences(policy, tokenizer, prompts, cfg.k, s, cfg.bt_temperature, cfg.optim.seed)
+            with torch.autocast(next(policy.parameters()).device.type, dtype=torch.bfloat16, enabled=cfg.optim.bf16):
+                records = build_preferences(policy, tokenizer, prompts, cfg.k, s, cfg.bt_temperature, cfg.optim.seed)
             write_jsonl(path, records)
             print(f"reward: sampled and labelled {len(records)} x {cfg.k} completions -> {path}")
         data[split] = read_jsonl(path)

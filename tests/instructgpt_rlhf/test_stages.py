@@ -44,9 +44,10 @@ def test_pipeline_stages_on_real_data(tiny_base, tmp_path):
     sft = str(tmp_path / "sft")
     run_sft(SFTConfig.from_preset("tiny", pretrained=str(tiny_base), out_dir=sft))
     rm = str(tmp_path / "reward")
-    run_reward(RewardConfig.from_preset("tiny", sft=sft, out_dir=rm))
+    reward_cfg = RewardConfig.from_preset("tiny", sft=sft, out_dir=rm)
+    run_reward(reward_cfg)
     records = read_jsonl(tmp_path / "reward" / "preferences_train.jsonl")
-    assert len(records) == 16 and all(len(r["completions"]) == 4 for r in records)
+    assert len(records) == reward_cfg.num_prompts and all(len(r["completions"]) == reward_cfg.k for r in records)
     for r in records:  # pairs agree with the ground truth (no Bradley-Terry noise by default)
         assert all(r["scores"][w] > r["scores"][l] for w, l in r["pairs"])
     assert -1 <= min(min(r["scores"]) for r in records) and max(max(r["scores"]) for r in records) <= 1
