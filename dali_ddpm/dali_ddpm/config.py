@@ -140,9 +140,6 @@ class DDPMConfig(AxonConfig):
 class SampleConfig(AxonConfig):
     """`dali-ddpm sample`: a PNG grid (and a denoising-trajectory figure) from a trained run's EMA weights."""
 
-    # (axon_shared.cli needs a non-empty PRESETS to build --preset choices)
-
-
     run_dir: str = "runs/dali_ddpm/cpu"
     checkpoint: str = ""  # default: the latest checkpoint in run_dir/checkpoints
     sampler: str = "ddpm"  # "ddpm" (ancestral, all T steps) or "ddim"
@@ -165,9 +162,6 @@ class SampleConfig(AxonConfig):
 @dataclass
 class EvaluateConfig(AxonConfig):
     """`dali-ddpm evaluate`: FID-C (classifier-feature FID) vs its floor, class histogram, bits/dim, timings."""
-
-    # (axon_shared.cli needs a non-empty PRESETS to build --preset choices)
-
 
     run_dir: str = "runs/dali_ddpm/cpu"
     checkpoint: str = ""
@@ -195,9 +189,6 @@ class EvaluateConfig(AxonConfig):
 @dataclass
 class DemoConfig(AxonConfig):
     """`dali-ddpm demo`: a <= 4 minute train + sample + evaluate on Fashion-MNIST writing REPORT.md."""
-
-    # (axon_shared.cli needs a non-empty PRESETS to build --preset choices)
-
 
     out_dir: str = "runs/demo/dali_ddpm"
     minutes: float = 1.25  # training budget (the rest of the 4 minutes: FID-C classifier, sampling, bits/dim)

@@ -171,7 +171,6 @@ class EvaluateConfig(AxonConfig):
     out: str = ""  # write a JSON with scores and signature here (default: run_dir/eval_<split>.json)
     device: str = "auto"
 
-
     def validate(self) -> None:
         require_choice(self, "split", ["train", "valid", "test"])
         require_positive(self, "average_last", "beam_size", "batch_size")
@@ -192,7 +191,6 @@ class TranslateConfig(AxonConfig):
     batch_size: int = 64
     device: str = "auto"
 
-
     def validate(self) -> None:
         require_positive(self, "average_last", "beam_size", "batch_size")
 
@@ -205,7 +203,6 @@ class AverageConfig(AxonConfig):
     last: int = 5
     out: str = ""  # default: run_dir/checkpoints/averaged.safetensors
 
-
     def validate(self) -> None:
         require_positive(self, "last")
 
@@ -217,7 +214,6 @@ class DemoConfig(AxonConfig):
     out_dir: str = "runs/demo/transformer"
     minutes: float = 2.5
     eval_sentences: int = 200
-
 
     def validate(self) -> None:
         require(self.minutes > 0, self, "minutes", "must be > 0")

@@ -236,6 +236,5 @@ class DemoConfig(AxonConfig):
     out_dir: str = "runs/demo/x_llama"
     max_minutes: float = 3.0
 
-
     def validate(self) -> None:
         require_positive(self, "max_minutes")
