@@ -28,6 +28,11 @@ from .config import OptimConfig
 
 
 
+def bf16_autocast(model: nn.Module, enabled: bool):
+    """Autocast to bfloat16 on the model's device when `enabled` (`optim.bf16`); a no-op context otherwise."""
+    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     return torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay, eps=1e-8)
@@ -70,12 +75,9 @@ def train_loop(
     bar = progress_bar(range(start, optim.max_steps), enabled=optim.progress, desc=name, initial=start, total=optim.max_steps)
     step = start
 
-    def autocast():
-        return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=optim.bf16)
-
     if eval_at_start and start == 0 and eval_fn is not None:
         model.eval()
-        with torch.random.fork_rng(), autocast():
+        with torch.random.fork_rng(), bf16_autocast(model, optim.bf16):
             logger.log(0, **eval_fn(0))
     params = [p for group in optimizer.param_groups for p in group["params"]]
 
@@ -88,7 +90,7 @@ def train_loop(
         set_lr(optimizer, schedule(step))
         model.train()
         t0 = time.time()
-        with autocast():
+        with bf16_autocast(model, optim.bf16):
             metrics = step_fn(step)
         if not self_stepping:
             if optim.grad_clip > 0:
@@ -104,7 +106,7 @@ def train_loop(
         out_of_time = optim.max_minutes is not None and (time.time() - began) > 60 * optim.max_minutes
         if eval_fn is not None and (done % optim.eval_every == 0 or done == optim.max_steps or out_of_time):
             model.eval()
-            with autocast():
+            with bf16_autocast(model, optim.bf16):
                 last_eval = eval_fn(done)
             logger.log(done, **last_eval)
         if done % optim.checkpoint_every == 0 or done == optim.max_steps or out_of_time:

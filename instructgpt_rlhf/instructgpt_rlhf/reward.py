@@ -19,7 +19,7 @@ from axon_shared.seed import seed_everything
 from .config import RewardConfig, SamplingConfig
 from .data import batch_indices, collate, split_prompts
 from .labeler import VaderLabeler, bradley_terry_labels, pearson
-from .loop import make_optimizer, set_threads, train_loop
+from .loop import bf16_autocast, make_optimizer, set_threads, train_loop
 from .losses import reward_model_loss
 from .model import ScalarHeadModel, load_policy, save_model, tokenizer_of
 from .rollout import decode_texts, sample_completions
@@ -104,7 +104,7 @@ def run_reward(cfg: RewardConfig) -> Path:
     for split, (path, n) in files.items():
         if not path.exists():
             prompts = split_prompts(tokenizer, split, n, seed=cfg.optim.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
-            with torch.autocast(next(policy.parameters()).device.type, dtype=torch.bfloat16, enabled=cfg.optim.bf16):
+            with bf16_autocast(policy, cfg.optim.bf16):
                 records = build_preferences(policy, tokenizer, prompts, cfg.k, s, cfg.bt_temperature, cfg.optim.seed)
             write_jsonl(path, records)
             print(f"reward: sampled and labelled {len(records)} x {cfg.k} completions -> {path}")
