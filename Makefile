@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-PACKAGES := shared x_llama transformer dali_ddpm instructgpt_rlhf
+# every folder with a pyproject.toml is a package; all but shared are paper packages, each with `<package>.cli demo`
+PACKAGES := $(patsubst %/pyproject.toml,%,$(wildcard */pyproject.toml))
+PAPERS := $(filter-out shared,$(PACKAGES))
 export AXON_DATA ?= $(HOME)/.cache/axon
 # CPU threads for the 2-core reference machine; override on bigger machines.
 export OMP_NUM_THREADS ?= 2
@@ -11,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: install data test demo bench clean
+.PHONY: install data test lint demo bench clean
 
 $(VENV)/.installed: $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,16 +30,17 @@ install: $(VENV)/.installed
 data: install
 	$(VENV)/bin/axon-data prepare all
 
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 test: data
 	$(VENV)/bin/pytest -q
 
 demo: data
 	rm -rf runs/demo && mkdir -p runs/demo
 	$(VENV)/bin/axon-data list --markdown > runs/demo/datasets.md
-	$(VENV)/bin/transformer demo
-	$(VENV)/bin/x-llama demo
-	$(VENV)/bin/dali-ddpm demo
-	$(VENV)/bin/instructgpt-rlhf demo
+	@for p in $(PAPERS); do echo "== $$p demo"; $(PY) -m $$p.cli demo || exit 1; done
 	$(PY) -m axon_shared.report runs/demo
 	@echo "report: runs/demo/REPORT.md"
 

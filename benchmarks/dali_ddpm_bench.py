@@ -23,7 +23,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 from dali_ddpm.config import UNetConfig
 from dali_ddpm.convert import diffusers_unet_kwargs, to_diffusers_state_dict
 from dali_ddpm.diffusion import GaussianDiffusion, beta_schedule
-from dali_ddpm.model import UNet, count_parameters
+from axon_shared.training import count_parameters
+from dali_ddpm.model import UNet
 
 
 def timed(fn, reps: int) -> list[float]:

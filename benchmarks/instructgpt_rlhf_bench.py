@@ -51,7 +51,7 @@ def main() -> None:
     from x_llama import Llama, LlamaConfig
     from x_llama.hf import XLlamaForCausalLM
 
-    from instructgpt_rlhf.config import OptimConfig, PPOConfig, SamplingConfig
+    from instructgpt_rlhf.config import PPOConfig, PPOTrain, SamplingConfig
     from instructgpt_rlhf.dpo import pair_logprobs
     from instructgpt_rlhf.losses import AdaptiveKLController, dpo_loss
     from instructgpt_rlhf.model import ScalarHeadModel
@@ -136,18 +136,25 @@ def main() -> None:
     rows.append(("PPO rollout (generated tokens/s)", gen_tokens / t_our, gen_tokens / t_hf))
 
     # ---- 3. whole PPO iteration ------------------------------------------------------------------------------
-    cfg = PPOConfig(ppo_epochs=2, minibatch_size=gen_batch // 4, sampling=sampling, optim=OptimConfig(lr=1e-5))
+    cfg = PPOConfig(ppo_epochs=2, minibatch_size=gen_batch // 4, sampling=sampling, train=PPOTrain(batch_size=gen_batch, lr=1e-5))
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     value = ScalarHeadModel(config)
     rm = ScalarHeadModel(config).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(list(policy.parameters()) + list(value.parameters()), lr=1e-5)
+    params = list(policy.parameters()) + list(value.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-5)
     kl = AdaptiveKLController(0.05)
+
+    def update(loss):  # what the training loop's Trainer.update does
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     def score_fn(b, completions):
         return rm.score(b.tokens, b.attention_mask)
 
     def iteration():
-        ppo_iteration(policy, ref, value, prompts, score_fn, cfg, opt, kl, eos_id=2)
+        ppo_iteration(policy, ref, value, prompts, score_fn, cfg, update, kl, eos_id=2)
 
     original = ppo_module.sample_completions
     t_iter_ours = timeit(iteration, max(1, repeats - 1))

@@ -87,8 +87,8 @@ def compare_runs(run_dirs: list[str]) -> None:
         run = Path(run)
         cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        last = [r for r in rows if "loss" in r][-1]
-        ppl = [r for r in rows if "val_ppl" in r][-1]["val_ppl"]
+        last = [r for r in rows if "train/loss" in r][-1]
+        ppl = [r for r in rows if "valid/ppl" in r][-1]["valid/ppl"]
         flops = last["tokens"] * training_flops_per_token(cfg.model, cfg.data.seq_len)
         model, tokenizer, config = load_pretrained(run)
         prompts = [tokenizer.encode(p, bos=True) for p in ("In the beginning", "And the LORD said", "To be", "She was",

@@ -11,9 +11,38 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"shared": "axon_shared", "transformer": "transformer", "x_llama": "x_llama", "dali_ddpm": "dali_ddpm", "instructgpt_rlhf": "instructgpt_rlhf"}
-DIST_OF_IMPORT = {"axon_shared": "axon-shared", "x_llama": "x-llama", "transformer": "transformer", "dali_ddpm": "dali-ddpm", "instructgpt_rlhf": "instructgpt-rlhf"}
-ALLOWED_SIBLINGS = {"shared": set(), "transformer": {"axon_shared"}, "x_llama": {"axon_shared"}, "dali_ddpm": {"axon_shared"}, "instructgpt_rlhf": {"axon_shared", "x_llama"}}
+
+
+def discover() -> dict[str, tuple[str, str]]:
+    """{project folder: (import name, distribution name)} for every folder holding a pyproject.toml."""
+    found = {}
+    for pyproject in sorted(ROOT.glob("*/pyproject.toml")):
+        meta = tomllib.loads(pyproject.read_text())
+        include = meta["tool"]["setuptools"]["packages"]["find"]["include"]
+        found[pyproject.parent.name] = (include[0].rstrip("*"), meta["project"]["name"])
+    return found
+
+
+PROJECTS = discover()
+PACKAGES = {folder: name for folder, (name, _) in PROJECTS.items()}
+DIST_OF_IMPORT = {name: dist for name, dist in PROJECTS.values()}
+# paper packages build on axon_shared only; the exceptions are listed here (instructgpt_rlhf aligns x_llama models)
+EXTRA_SIBLINGS = {"instructgpt_rlhf": {"x_llama"}}
+ALLOWED_SIBLINGS = {folder: set() if name == "axon_shared" else {"axon_shared"} | EXTRA_SIBLINGS.get(folder, set()) for folder, name in PACKAGES.items()}
+
+
+def test_every_paper_package_has_the_same_shape():
+    """A package is found by its pyproject.toml alone: the Makefile's demo runs `<package>.cli demo`, and
+    axon_shared.report collects `runs/demo/<package>/REPORT.md`."""
+    assert "shared" in PACKAGES and len(PACKAGES) >= 5
+    for folder, name in PACKAGES.items():
+        if folder == "shared":
+            continue
+        assert name == folder, f"{folder}: the import name must be the folder name"
+        for module in ("cli.py", "demo.py", "config.py"):
+            assert (ROOT / folder / name / module).is_file(), f"{folder}/{name}/{module} is missing"
+        assert (ROOT / folder / "README.md").is_file()
+        assert (ROOT / "tests" / folder).is_dir(), f"tests/{folder}/ is missing"
 
 
 def normalise(name: str) -> str:

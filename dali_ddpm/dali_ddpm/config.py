@@ -3,8 +3,8 @@
 Presets (`--preset NAME` on the command line):
 - `cifar10`: the paper's CIFAR-10 model and recipe (Ho et al. 2020, appendix B): 35.7M parameters, T=1000,
   linear betas 1e-4..0.02, Adam 2e-4, batch 128, 5000 warm-up steps, EMA 0.9999, dropout 0.1, random flips.
-- `cpu`: a ~2M-parameter UNet for 28x28 grey images padded to 32x32, sized so that a 30-minute run on one CPU
-  thread learns recognisable Fashion-MNIST samples (see README, "Deviations").
+- `cpu`: a 1.1M-parameter UNet for 28x28 grey images padded to 32x32, sized so that a 30-minute run on a 2-core
+  CPU learns recognisable Fashion-MNIST samples (see README, "Deviations").
 - `tiny`: unit tests.
 """
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from axon_shared import AxonConfig, require, require_choice, require_positive
+from axon_shared import training as axon_training
 
 DATASETS = ("fashion-mnist", "mnist-5k", "digits")
 
@@ -76,39 +77,41 @@ class DiffusionConfig(AxonConfig):
 
 
 @dataclass
-class TrainSection(AxonConfig):
-    """Optimisation and bookkeeping (Ho et al. 2020, appendix B for the paper's values)."""
+class DataConfig(AxonConfig):
+    """The images: an offline dataset of axon_shared.data, padded to the model's image_size."""
 
     dataset: str = "fashion-mnist"
-    batch_size: int = 128
-    lr: float = 2e-4
-    warmup: int = 5000
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    ema_warmup: bool = False  # decay_n = min(ema_decay, (1 + n) / (10 + n)); for runs much shorter than 1 / (1 - ema_decay)
-    random_flip: bool = True
-    bf16: bool = False  # autocast the UNet forward to bfloat16
-    max_steps: int = 800_000
-    max_minutes: float = 0.0  # wall-clock budget for the whole run, across resumes; 0 = none
-    seed: int = 0
-    device: str = "auto"
-    out_dir: str = "runs/dali_ddpm/default"
-    log_every: int = 50
-    eval_every: int = 1000  # validation L_simple on a fixed batch
-    eval_size: int = 512
-    sample_every: int = 5000  # sample grid from the EMA weights (DDIM, sample_steps steps)
-    sample_steps: int = 50
-    sample_n: int = 64
-    ckpt_every: int = 5000
-    keep_last: int = 3
+    random_flip: bool = True  # random horizontal flips (the paper's CIFAR-10 augmentation)
 
     def validate(self) -> None:
         require_choice(self, "dataset", DATASETS)
-        require_positive(self, "batch_size", "lr", "max_steps", "log_every", "eval_every", "sample_every", "ckpt_every", "keep_last", "sample_n", "sample_steps")
-        require(self.warmup >= 0, self, "warmup", "must be >= 0")
-        require(self.grad_clip >= 0, self, "grad_clip", "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class TrainSection(axon_training.TrainSection):
+    """The shared `train` vocabulary (axon_shared.training) with the paper's values (Ho et al. 2020, appendix B):
+    Adam 2e-4 after 5000 warm-up steps, then constant; batch 128; gradient clipping 1.0; EMA 0.9999; 800k steps."""
+
+    out_dir: str = "runs/dali_ddpm/default"
+    steps: int = 800_000
+    batch_size: int = 128  # images per micro-batch and rank (the paper: 128 in all)
+    lr: float = 2e-4
+    warmup_steps: int = 5000
+    eval_every: int = 1000  # validation L_simple on a fixed batch (raw and EMA weights)
+    checkpoint_every: int = 5000
+    keep_last: int = 3
+    log_every: int = 50
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay_n = min(ema_decay, (1 + n) / (10 + n)); for runs much shorter than 1 / (1 - ema_decay)
+    eval_size: int = 512  # validation images
+    sample_every: int = 5000  # a sample grid from the EMA weights (DDIM, sample_steps steps); a multiple of eval_every
+    sample_steps: int = 50
+    sample_n: int = 64
+
+    def validate(self) -> None:
+        super().validate()
+        require_positive(self, "eval_size", "sample_every", "sample_n", "sample_steps")
         require(0.0 <= self.ema_decay < 1.0, self, "ema_decay", "must be in [0, 1)")
-        require(self.max_minutes >= 0, self, "max_minutes", "must be >= 0 (0 = no time limit)")
 
 
 @dataclass
@@ -117,21 +120,23 @@ class DDPMConfig(AxonConfig):
 
     model: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainSection = field(default_factory=TrainSection)
 
     PRESETS: ClassVar[dict] = {
         "cifar10": dict(model=UNetConfig.PRESETS["cifar10"]),
         "cpu": dict(
             model=UNetConfig.PRESETS["cpu"],
-            train=dict(batch_size=64, lr=5e-4, warmup=100, ema_decay=0.9995, ema_warmup=True, bf16=True, random_flip=False, max_steps=100_000, max_minutes=30.0,
-                       log_every=25, eval_every=250, sample_every=1000, ckpt_every=500, out_dir="runs/dali_ddpm/cpu"),
+            data=dict(random_flip=False),
+            train=dict(batch_size=64, lr=5e-4, warmup_steps=100, ema_decay=0.9995, ema_warmup=True, bf16=True, steps=100_000, max_minutes=30.0,
+                       log_every=25, eval_every=250, sample_every=1000, checkpoint_every=500, out_dir="runs/dali_ddpm/cpu"),
         ),
         "tiny": dict(
             model=UNetConfig.PRESETS["tiny"],
             diffusion=dict(timesteps=100, beta_end=0.2),
-            train=dict(dataset="digits", batch_size=16, warmup=10, ema_decay=0.9, random_flip=False, max_steps=20,
-                       log_every=5, eval_every=10, eval_size=32, sample_every=10, sample_steps=5, sample_n=16, ckpt_every=10,
-                       out_dir="runs/dali_ddpm/tiny"),
+            data=dict(dataset="digits", random_flip=False),
+            train=dict(batch_size=16, warmup_steps=10, ema_decay=0.9, steps=20, log_every=5, eval_every=10, eval_size=32, sample_every=10,
+                       sample_steps=5, sample_n=16, checkpoint_every=10, out_dir="runs/dali_ddpm/tiny"),
         ),
     }
 
@@ -143,7 +148,7 @@ class SampleConfig(AxonConfig):
     run_dir: str = "runs/dali_ddpm/cpu"
     checkpoint: str = ""  # default: the latest checkpoint in run_dir/checkpoints
     sampler: str = "ddpm"  # "ddpm" (ancestral, all T steps) or "ddim"
-    steps: int = 50  # DDIM steps (ignored by "ddpm")
+    steps: int | None = None  # DDIM steps (default 50); the DDPM sampler always takes all T steps
     eta: float = 0.0  # DDIM eta (0 = deterministic)
     n: int = 64
     batch_size: int = 64
@@ -155,7 +160,9 @@ class SampleConfig(AxonConfig):
 
     def validate(self) -> None:
         require_choice(self, "sampler", ("ddpm", "ddim"))
-        require_positive(self, "steps", "n", "batch_size")
+        require(self.steps is None or self.sampler == "ddim", self, "steps", "applies to the ddim sampler only (ddpm takes all T steps); add --sampler ddim")
+        require(self.steps is None or self.steps > 0, self, "steps", "must be > 0")
+        require_positive(self, "n", "batch_size")
         require(self.eta >= 0, self, "eta", "must be >= 0")
 
 
@@ -191,6 +198,10 @@ class DemoConfig(AxonConfig):
     """`dali-ddpm demo`: a <= 4 minute train + sample + evaluate on Fashion-MNIST writing REPORT.md."""
 
     out_dir: str = "runs/demo/dali_ddpm"
-    minutes: float = 1.25  # training budget (the rest of the 4 minutes: FID-C classifier, sampling, bits/dim)
+    max_minutes: float = 1.25  # training budget (the rest of the 4 minutes: FID-C classifier, sampling, bits/dim)
     n_samples: int = 100
     seed: int = 0
+
+    def validate(self) -> None:
+        require(self.max_minutes > 0, self, "max_minutes", "must be > 0")
+        require(self.n_samples >= 2, self, "n_samples", "FID needs >= 2 samples")

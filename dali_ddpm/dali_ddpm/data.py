@@ -44,14 +44,3 @@ def to_model_range(images: Tensor) -> Tensor:
 def to_uint8(x: Tensor) -> Tensor:
     """float [-1, 1] -> uint8 [0, 255] (rounded, clamped)."""
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> Tensor:
-    """Indices of the global batch at `step` (0-based): epoch e = step // (n // batch_size) walks a permutation
-    seeded by (seed, e). A pure function of the step, so a resumed run sees exactly the same batches."""
-    per_epoch = n // batch_size
-    if per_epoch == 0:
-        raise ValueError(f"batch_size={batch_size} is larger than the dataset ({n} images)")
-    epoch, offset = divmod(step, per_epoch)
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=generator)[offset * batch_size : (offset + 1) * batch_size]

@@ -15,7 +15,6 @@ from .config import EvaluateConfig
 from .data import load_images, to_model_range
 from .fid import features, fid_c, get_classifier, predict
 from .sample import draw, load_run
-from .train import set_threads
 from .viz import save_grid
 
 
@@ -25,12 +24,11 @@ def class_histogram(logits: torch.Tensor, n_classes: int = 10) -> list[float]:
 
 
 def evaluate(cfg: EvaluateConfig) -> dict:
-    set_threads()
     device = pick_device(cfg.device)
     run_dir = Path(cfg.run_dir)
     run_cfg, model, diffusion, step = load_run(run_dir, cfg.checkpoint, use_ema=cfg.use_ema, device=device)
     tag = "" if cfg.use_ema else "_raw"
-    dataset, size, channels = run_cfg.train.dataset, run_cfg.model.image_size, run_cfg.model.in_channels
+    dataset, size, channels = run_cfg.data.dataset, run_cfg.model.image_size, run_cfg.model.in_channels
     result: dict = {"run_dir": str(run_dir), "step": step, "dataset": dataset, "n_samples": cfg.n_samples, "threads": torch.get_num_threads(),
                     "weights": "ema" if cfg.use_ema else "raw"}
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from axon_shared import attention, sinusoidal_embedding
@@ -56,11 +57,10 @@ class AttnBlock(nn.Module):
         self.proj = _zero(nn.Linear(channels, channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        b, c, height, width = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        q, k, v = self.qkv(tokens).unsqueeze(1).chunk(3, dim=-1)  # 3 x (B, 1, HW, C): one head
-        h = attention(q, k, v).squeeze(1)  # (B, HW, C)
-        return x + self.proj(h).transpose(1, 2).reshape(b, c, height, width)
+        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")  # the H*W positions as tokens
+        q, k, v = rearrange(self.qkv(tokens), "b n (three c) -> three b 1 n c", three=3)  # (B, 1, HW, C) each: one head
+        h = rearrange(attention(q, k, v), "b 1 n c -> b n c")
+        return x + rearrange(self.proj(h), "b (h w) c -> b c h w", h=x.shape[2])
 
 
 class Downsample(nn.Module):
@@ -170,7 +170,3 @@ class UNet(nn.Module):
                 h = level.resample(h)
         assert not hs
         return self.conv_out(F.silu(self.norm_out(h)))
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -8,24 +8,22 @@ from pathlib import Path
 
 import torch
 
-from axon_shared import CheckpointError, latest_checkpoint, load_checkpoint, load_model_state, pick_device
+from axon_shared import CheckpointError, load_checkpoint, load_model_state, pick_device
+from axon_shared.checkpoint import run_checkpoints
 
-from .config import DDPMConfig, SampleConfig
+from .config import DDPMConfig, SampleConfig, UNetConfig
 from .diffusion import GaussianDiffusion
 from .model import UNet
-from .train import build, set_threads
+from .train import build
 from .viz import save_grid, save_trajectory
 
 
 def load_run(run_dir: str | Path, checkpoint: str = "", *, use_ema: bool = True, device="cpu") -> tuple[DDPMConfig, UNet, GaussianDiffusion, int]:
     """(config, model in eval mode with the EMA (or raw) weights, diffusion, step) of a training run."""
-    run_dir = Path(run_dir)
-    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
-    if path is None:
-        raise CheckpointError(f"no checkpoint in {run_dir / 'checkpoints'}; train first: dali-ddpm train --train.out_dir {run_dir}")
+    _, (path,) = run_checkpoints(checkpoint or run_dir)
     ckpt = load_checkpoint(path)
-    config_json = run_dir / "config.json"
-    cfg = DDPMConfig.from_dict(ckpt.config or json.loads(config_json.read_text()))
+    ckpt.model_config(UNetConfig)  # a clear error for another package's checkpoint
+    cfg = DDPMConfig.from_dict({key: ckpt.config[key] for key in ("model", "diffusion", "data") if key in ckpt.config})
     model, diffusion = build(cfg, device)
     if use_ema:
         if "ema" not in ckpt.tensors:
@@ -58,14 +56,13 @@ def draw(model: UNet, diffusion: GaussianDiffusion, n: int, *, sampler: str = "d
 
 
 def sample(cfg: SampleConfig) -> dict:
-    set_threads()
     device = pick_device(cfg.device)
     run_cfg, model, diffusion, step = load_run(cfg.run_dir, cfg.checkpoint, use_ema=cfg.use_ema, device=device)
-    n_steps = diffusion.num_timesteps if cfg.sampler == "ddpm" else cfg.steps
+    n_steps = diffusion.num_timesteps if cfg.sampler == "ddpm" else (cfg.steps or 50)
     capture = max(1, n_steps // 50) if cfg.trajectory else 0
-    x, trajectory, seconds = draw(model, diffusion, cfg.n, sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, batch_size=cfg.batch_size,
+    x, trajectory, seconds = draw(model, diffusion, cfg.n, sampler=cfg.sampler, steps=n_steps, eta=cfg.eta, batch_size=cfg.batch_size,
                                   seed=cfg.seed, device=device, capture_every=capture, progress=True)
-    out = Path(cfg.out) if cfg.out else Path(cfg.run_dir) / f"samples_{cfg.sampler}{'' if cfg.sampler == 'ddpm' else cfg.steps}.png"
+    out = Path(cfg.out) if cfg.out else Path(cfg.run_dir) / f"samples_{cfg.sampler}{'' if cfg.sampler == 'ddpm' else n_steps}.png"
     save_grid(x, out)
     result = {"samples_png": str(out), "n": cfg.n, "sampler": cfg.sampler, "steps": n_steps, "seconds": round(seconds, 2), "step": step}
     if trajectory:

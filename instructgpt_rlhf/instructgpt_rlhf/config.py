@@ -9,36 +9,82 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from axon_shared import training as axon_training
 from axon_shared.config import AxonConfig, require, require_choice, require_positive
+from axon_shared.schedules import CosineSchedule
 
 
 @dataclass
-class OptimConfig(AxonConfig):
-    """Adam(W) with linear warmup and cosine decay; loop control shared by every stage."""
+class TrainSection(axon_training.TrainSection):
+    """The shared `train` vocabulary (axon_shared.training) for the stages: AdamW (0.9, 0.95), linear warm-up, then
+    cosine decay to min_lr_ratio of the peak. Each stage's subclass holds its own defaults."""
 
+    out_dir: str = "runs/instructgpt_rlhf/stage"
+    steps: int = 200
     lr: float = 1e-4
-    min_lr_ratio: float = 0.1
     warmup_steps: int = 10
-    weight_decay: float = 0.0
-    beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0
-    batch_size: int = 32
-    max_steps: int = 200
-    max_minutes: float | None = None
-    checkpoint_every: int = 100
     eval_every: int = 50
-    log_every: int = 10
-    seed: int = 0
-    progress: bool = True
-    bf16: bool = False  # autocast the stage's forward passes to bfloat16 (about 2x on CPUs with AVX512-BF16)
+    keep_last: int = 1
+    min_lr_ratio: float = 0.1
 
     def validate(self) -> None:
-        require_positive(self, "lr", "batch_size", "max_steps", "checkpoint_every", "eval_every", "log_every")
-        require(self.warmup_steps >= 0, self, "warmup_steps", "must be >= 0")
+        super().validate()
         require(0 <= self.min_lr_ratio <= 1, self, "min_lr_ratio", "must be in [0, 1]")
-        if self.max_minutes is not None:
-            require(self.max_minutes > 0, self, "max_minutes", "must be > 0 (or null)")
+
+    def schedule(self) -> CosineSchedule:
+        return CosineSchedule(self.lr, self.warmup_steps, self.steps, self.min_lr_ratio)
+
+
+@dataclass
+class SFTTrain(TrainSection):
+    out_dir: str = "runs/instructgpt_rlhf/sft"
+    steps: int = 600
+    batch_size: int = 32  # demonstrations per step
+    lr: float = 1e-3
+    warmup_steps: int = 30
+    max_minutes: float | None = 4.0
+    eval_every: int = 100
+    bf16: bool = True
+
+
+@dataclass
+class RewardTrain(TrainSection):
+    out_dir: str = "runs/instructgpt_rlhf/reward"
+    steps: int = 2000
+    batch_size: int = 8  # prompts per step, each with its K completions and C(K,2) pairs
+    lr: float = 3e-4
+    warmup_steps: int = 50
+    max_minutes: float | None = 11.0
+    eval_every: int = 250
+    checkpoint_every: int = 250
+    bf16: bool = True
+
+
+@dataclass
+class PPOTrain(TrainSection):
+    out_dir: str = "runs/instructgpt_rlhf/ppo"
+    steps: int = 50  # PPO iterations (rollout + ppo_epochs of minibatch updates)
+    batch_size: int = 64  # prompts (rollouts) per iteration
+    lr: float = 5e-5
+    warmup_steps: int = 5
+    min_lr_ratio: float = 1.0
+    max_minutes: float | None = 4.0
+    eval_every: int = 10
+    checkpoint_every: int = 10
+    log_every: int = 1
+
+
+@dataclass
+class DPOTrain(TrainSection):
+    out_dir: str = "runs/instructgpt_rlhf/dpo"
+    steps: int = 130
+    batch_size: int = 16  # preference pairs per step
+    lr: float = 2e-4
+    min_lr_ratio: float = 1.0
+    max_minutes: float | None = 3.0
+    eval_every: int = 65
+    checkpoint_every: int = 65
 
 
 @dataclass
@@ -62,16 +108,17 @@ class SFTConfig(AxonConfig):
     """`sft`: supervised fine-tuning of a pretrained x_llama on the movie-review snippets (the demonstrations)."""
 
     pretrained: str = "runs/instructgpt_rlhf/pretrain"  # an x_llama run dir (or checkpoint)
-    out_dir: str = "runs/instructgpt_rlhf/sft"
     max_len: int = 64  # tokens per demonstration (bos + snippet + eos), longer ones are truncated
     max_train: int | None = None  # cap the number of demonstrations (tiny runs)
     max_valid: int = 256  # valid-split demonstrations for the held-out loss
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=30, max_steps=600, batch_size=32, eval_every=100, checkpoint_every=100, max_minutes=4.0, bf16=True))
+    train: SFTTrain = field(default_factory=SFTTrain)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
-        "tiny": dict(max_train=128, max_valid=16, max_len=40, optim=dict(max_steps=6, batch_size=8, eval_every=3, checkpoint_every=3, warmup_steps=2, progress=False)),
+        "tiny": dict(max_train=128, max_valid=16, max_len=40, train=dict(
+            steps=6, batch_size=8, lr=1e-4, warmup_steps=2, max_minutes=None, bf16=False, eval_every=3, checkpoint_every=3, progress=False,
+        )),
     }
 
     def validate(self) -> None:
@@ -83,17 +130,18 @@ class RewardConfig(AxonConfig):
     """`reward`: sample K completions per prompt from the SFT policy, label them with VADER, train the RM."""
 
     sft: str = "runs/instructgpt_rlhf/sft"
-    out_dir: str = "runs/instructgpt_rlhf/reward"
     num_prompts: int = 8192  # training prompts (prefixes of train-split snippets)
     num_valid_prompts: int = 256  # held-out prompts (valid split) for pair accuracy
     k: int = 6  # completions per prompt -> C(K,2) pairs (InstructGPT: K = 4..9); each completion is scored once
     bt_temperature: float = 0.0  # Bradley-Terry label noise; 0 = the higher ground-truth score always wins
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=50, max_steps=2000, batch_size=8, eval_every=250, checkpoint_every=250, max_minutes=11.0, bf16=True))
+    train: RewardTrain = field(default_factory=RewardTrain)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
-        "tiny": dict(num_prompts=16, num_valid_prompts=8, k=4, sampling=dict(max_new_tokens=12, batch_size=16), optim=dict(max_steps=6, batch_size=4, eval_every=3, checkpoint_every=3, warmup_steps=1, progress=False)),
+        "tiny": dict(num_prompts=16, num_valid_prompts=8, k=4, sampling=dict(max_new_tokens=12, batch_size=16), train=dict(
+            steps=6, batch_size=4, lr=1e-4, warmup_steps=1, max_minutes=None, bf16=False, eval_every=3, checkpoint_every=3, progress=False,
+        )),
     }
 
     def validate(self) -> None:
@@ -108,7 +156,6 @@ class PPOConfig(AxonConfig):
 
     sft: str = "runs/instructgpt_rlhf/sft"
     reward_model: str = "runs/instructgpt_rlhf/reward"
-    out_dir: str = "runs/instructgpt_rlhf/ppo"
     num_prompts: int = 4096
     eval_prompts: int = 64  # valid-split prompts for the reward/KL curve logged every eval_every iterations
     kl_coef: float = 0.05  # beta (InstructGPT: 0.02)
@@ -127,11 +174,14 @@ class PPOConfig(AxonConfig):
     ptx_batch_size: int = 8
     ptx_seq_len: int = 64
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=5, max_steps=50, min_lr_ratio=1.0, eval_every=10, checkpoint_every=10, log_every=1, max_minutes=4.0))
+    train: PPOTrain = field(default_factory=PPOTrain)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
-        "tiny": dict(num_prompts=32, eval_prompts=8, ppo_epochs=2, minibatch_size=4, sampling=dict(max_new_tokens=10, batch_size=8), optim=dict(max_steps=3, eval_every=3, checkpoint_every=2, warmup_steps=0, progress=False)),
+        "tiny": dict(num_prompts=32, eval_prompts=8, ppo_epochs=2, minibatch_size=4, sampling=dict(max_new_tokens=10, batch_size=8), train=dict(
+            steps=3, batch_size=8, lr=1e-4, warmup_steps=0, min_lr_ratio=0.1, max_minutes=None, log_every=10, eval_every=3, checkpoint_every=2,
+            progress=False,
+        )),
     }
 
     def validate(self) -> None:
@@ -141,7 +191,7 @@ class PPOConfig(AxonConfig):
         require(0 <= self.lam <= 1, self, "lam", "must be in [0, 1]")
         require(0 < self.gamma <= 1, self, "gamma", "must be in (0, 1]")
         require(self.ptx_coef >= 0, self, "ptx_coef", "must be >= 0")
-        require(self.sampling.batch_size % self.minibatch_size == 0, self, "minibatch_size", f"must divide sampling.batch_size={self.sampling.batch_size}")
+        require(self.train.batch_size % self.minibatch_size == 0, self, "minibatch_size", f"must divide train.batch_size={self.train.batch_size} (the rollouts of an iteration)")
         if self.target_kl is not None:
             require(self.target_kl > 0, self, "target_kl", "must be > 0 (or null for a fixed coefficient)")
 
@@ -152,17 +202,18 @@ class DPOConfig(AxonConfig):
 
     sft: str = "runs/instructgpt_rlhf/sft"
     preferences: str = "runs/instructgpt_rlhf/reward"  # the reward run dir (its preferences_train.jsonl)
-    out_dir: str = "runs/instructgpt_rlhf/dpo"
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid (DPO), ipo
     label_smoothing: float = 0.0  # > 0: conservative DPO
     eval_prompts: int = 64  # valid-split prompts for the reward/KL curve logged every eval_every steps
     max_valid_pairs: int = 1024  # held-out pairs for the valid margin / accuracy
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=10, max_steps=130, min_lr_ratio=1.0, batch_size=16, eval_every=65, checkpoint_every=65, max_minutes=3.0))
+    train: DPOTrain = field(default_factory=DPOTrain)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
-        "tiny": dict(eval_prompts=8, optim=dict(max_steps=4, batch_size=4, eval_every=2, checkpoint_every=2, warmup_steps=0, progress=False)),
+        "tiny": dict(eval_prompts=8, train=dict(
+            steps=4, batch_size=4, lr=1e-4, warmup_steps=0, min_lr_ratio=0.1, max_minutes=None, eval_every=2, checkpoint_every=2, progress=False,
+        )),
     }
 
     def validate(self) -> None:
@@ -198,7 +249,7 @@ class PipelineConfig(AxonConfig):
 
     out_dir: str = "runs/instructgpt_rlhf/cpu"
     pretrain_preset: str = "demo"  # an x_llama TrainConfig preset
-    pretrain_overrides: dict = field(default_factory=lambda: {"train": {"max_steps": 1600, "max_minutes": 7.0, "bf16": True, "eval_every": 200, "checkpoint_every": 200}})  # e.g. {"train": {"max_steps": 300}}
+    pretrain_overrides: dict = field(default_factory=lambda: {"train": {"steps": 1600, "max_minutes": 7.0, "bf16": True, "eval_every": 200, "checkpoint_every": 200}})  # e.g. {"train": {"steps": 300}}
     pretrained: str | None = None  # reuse an existing x_llama run dir instead of pretraining
     kl_coefs: tuple[float, ...] = (0.05, 0.2, 0.5)
     betas: tuple[float, ...] = (0.1, 0.5)
@@ -213,7 +264,7 @@ class PipelineConfig(AxonConfig):
         "tiny": dict(
             out_dir="runs/instructgpt_rlhf/tiny",
             pretrain_preset="tiny",
-            pretrain_overrides={"train": {"max_steps": 30, "eval_every": 30, "checkpoint_every": 30, "progress": False}},
+            pretrain_overrides={"train": {"steps": 30, "eval_every": 30, "checkpoint_every": 30, "progress": False}},
             kl_coefs=(0.05,),
             betas=(0.1,),
             sft=SFTConfig.PRESETS["tiny"],
@@ -226,13 +277,13 @@ class PipelineConfig(AxonConfig):
         "demo": dict(
             out_dir="runs/demo/instructgpt_rlhf",
             pretrain_preset="tiny",
-            pretrain_overrides={"train": {"max_steps": 250, "max_minutes": 1.0, "eval_every": 250, "checkpoint_every": 250, "progress": False}},
+            pretrain_overrides={"train": {"steps": 250, "max_minutes": 1.0, "eval_every": 250, "checkpoint_every": 250, "progress": False}},
             kl_coefs=(0.05,),
             betas=(0.1,),
-            sft=dict(max_len=48, max_valid=64, optim=dict(lr=1e-3, max_steps=250, batch_size=32, warmup_steps=10, eval_every=125, checkpoint_every=125, max_minutes=0.8, progress=False)),
-            reward=dict(num_prompts=160, num_valid_prompts=40, sampling=dict(max_new_tokens=24), optim=dict(lr=3e-4, max_steps=60, batch_size=8, warmup_steps=5, eval_every=30, checkpoint_every=30, max_minutes=0.6, progress=False)),
-            ppo=dict(num_prompts=512, eval_prompts=32, sampling=dict(max_new_tokens=24, batch_size=32), minibatch_size=16, optim=dict(lr=5e-5, max_steps=24, warmup_steps=2, min_lr_ratio=1.0, eval_every=8, checkpoint_every=8, log_every=1, max_minutes=0.8, progress=False)),
-            dpo=dict(eval_prompts=32, optim=dict(lr=2e-4, max_steps=100, batch_size=16, warmup_steps=5, min_lr_ratio=1.0, eval_every=25, checkpoint_every=25, max_minutes=0.5, progress=False)),
+            sft=dict(max_len=48, max_valid=64, train=dict(steps=250, warmup_steps=10, eval_every=125, checkpoint_every=125, max_minutes=0.8, progress=False)),
+            reward=dict(num_prompts=160, num_valid_prompts=40, sampling=dict(max_new_tokens=24), train=dict(steps=60, warmup_steps=5, eval_every=30, checkpoint_every=30, max_minutes=0.6, progress=False)),
+            ppo=dict(num_prompts=512, eval_prompts=32, sampling=dict(max_new_tokens=24, batch_size=32), minibatch_size=16, train=dict(steps=24, batch_size=32, warmup_steps=2, eval_every=8, checkpoint_every=8, max_minutes=0.8, progress=False)),
+            dpo=dict(eval_prompts=32, train=dict(steps=100, warmup_steps=5, eval_every=25, checkpoint_every=25, max_minutes=0.5, progress=False)),
             evaluate=dict(num_prompts=96, num_samples=3, sampling=dict(max_new_tokens=24)),
         ),
     }

@@ -135,16 +135,3 @@ def split_prompts(tokenizer, split: str, n: int | None, seed: int, min_tokens: i
         order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))[:n].tolist()
         ids = [ids[i] for i in order]
     return make_prompts(ids, tokenizer.bos_id, min_tokens, max_tokens, seed=seed)
-
-
-def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Indices of the examples of `step`: epochs are seeded permutations, so a batch is a pure function of step."""
-    out: list[int] = []
-    pos = step * batch_size
-    while len(out) < batch_size:
-        epoch, offset = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        take = min(batch_size - len(out), n - offset)
-        out += perm[offset : offset + take].tolist()
-        pos += take
-    return out

@@ -15,13 +15,12 @@ import json
 from pathlib import Path
 
 import torch
-from axon_shared.seed import seed_everything
+from axon_shared.training import Trainer
 
-from .config import DPOConfig
-from .data import batch_indices, collate, split_prompts
+from .config import DPOConfig, SamplingConfig
+from .data import collate, split_prompts
 from .evaluate import measure
 from .labeler import VaderLabeler
-from .loop import make_optimizer, set_threads, train_loop
 from .losses import dpo_loss, sequence_logprobs
 from .model import load_policy, policy_logits, save_model, tokenizer_of
 from .reward import read_jsonl
@@ -50,62 +49,59 @@ def paths_of(preferences: str) -> tuple[Path, Path]:
 
 
 def run_dpo(cfg: DPOConfig) -> Path:
-    set_threads()
-    seed_everything(cfg.optim.seed)
-    out_dir = Path(cfg.out_dir)
+    tc = cfg.train
+    out_dir = Path(tc.out_dir)
     final = out_dir / "policy.safetensors"
     if final.exists():
         print(f"dpo: {final} exists, skipping (delete it to retrain)")
         return out_dir
-    tokenizer = tokenizer_of(cfg.sft)
-    policy = load_policy(cfg.sft)
-    ref = load_policy(cfg.sft).eval().requires_grad_(False)
-    train_path, valid_path = paths_of(cfg.preferences)
-    train = preference_pairs(read_jsonl(train_path))
-    if not train:
-        raise ValueError(f"{train_path}: no untied preference pairs; sample more prompts or completions (reward.num_prompts, reward.k)")
-    valid = preference_pairs(read_jsonl(valid_path)) if valid_path.exists() else []
-    valid = (valid or train[:64])[: cfg.max_valid_pairs]  # no held-out pairs (toy runs): report on training pairs
-    with torch.no_grad():  # the frozen reference on the held-out pairs: once, up front
-        vref_c = completion_logprobs(ref, [p for p, _, _ in valid], [c for _, c, _ in valid])
-        vref_r = completion_logprobs(ref, [p for p, _, _ in valid], [r for _, _, r in valid])
-    s = json.loads((train_path.parent / "config.json").read_text())["sampling"] if (train_path.parent / "config.json").exists() else {}
-    from .config import SamplingConfig
+    with Trainer(tc, cfg, name=f"dpo(beta={cfg.beta})", frozen=("sft", "preferences")) as trainer:
+        tokenizer = tokenizer_of(cfg.sft)
+        policy = load_policy(cfg.sft)
+        ref = load_policy(cfg.sft).eval().requires_grad_(False).to(trainer.device)
+        train_path, valid_path = paths_of(cfg.preferences)
+        train = preference_pairs(read_jsonl(train_path))
+        if not train:
+            raise ValueError(f"{train_path}: no untied preference pairs; sample more prompts or completions (reward.num_prompts, reward.k)")
+        valid = preference_pairs(read_jsonl(valid_path)) if valid_path.exists() else []
+        valid = (valid or train[:64])[: cfg.max_valid_pairs]  # no held-out pairs (toy runs): report on training pairs
+        with torch.no_grad():  # the frozen reference on the held-out pairs: once, up front
+            vref_c = completion_logprobs(ref, [p for p, _, _ in valid], [c for _, c, _ in valid])
+            vref_r = completion_logprobs(ref, [p for p, _, _ in valid], [r for _, _, r in valid])
+        reward_config = train_path.parent / "config.json"
+        sampling = SamplingConfig.from_dict(json.loads(reward_config.read_text())["sampling"]) if reward_config.exists() else SamplingConfig()
+        eval_prompts = split_prompts(tokenizer, "valid", cfg.eval_prompts, seed=tc.seed, min_tokens=sampling.min_prompt_tokens, max_tokens=sampling.max_prompt_tokens)
+        labeler = VaderLabeler()
 
-    sampling = SamplingConfig(**s) if s else SamplingConfig()
-    eval_prompts = split_prompts(tokenizer, "valid", cfg.eval_prompts, seed=cfg.optim.seed, min_tokens=sampling.min_prompt_tokens, max_tokens=sampling.max_prompt_tokens)
-    labeler = VaderLabeler()
-    optimizer = make_optimizer(policy.parameters(), cfg.optim)
-    bs = cfg.optim.batch_size
+        def batch(step: int, micro: int) -> list:
+            return [train[i] for i in trainer.batch_indices(len(train), step, micro)]
 
-    def lengths(idx, which):
-        return torch.tensor([len(train[i][which]) for i in idx])
+        def loss(policy, pairs: list) -> tuple[torch.Tensor, dict]:
+            with torch.no_grad():  # the frozen reference, on this batch only (a run visits a fraction of the pairs)
+                ref_c, ref_r = pair_logprobs(ref, pairs)
+            pc, pr = pair_logprobs(policy, pairs)
+            lengths = [torch.tensor([len(pair[which]) for pair in pairs]) for which in (1, 2)]
+            value, cr, rr = dpo_loss(
+                pc, pr, ref_c, ref_r, cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                chosen_lengths=lengths[0], rejected_lengths=lengths[1],
+            )
+            return value, {"margin": float((cr - rr).mean()), "accuracy": float((cr > rr).float().mean()), "chosen_reward": float(cr.mean()), "rejected_reward": float(rr.mean())}
 
-    def step_fn(step: int) -> dict:
-        idx = batch_indices(len(train), bs, step, cfg.optim.seed)
-        pairs = [train[i] for i in idx]
-        with torch.no_grad():  # the frozen reference, on this batch only (a run visits a fraction of the pairs)
-            ref_c, ref_r = pair_logprobs(ref, pairs)
-        pc, pr = pair_logprobs(policy, pairs)
-        loss, cr, rr = dpo_loss(
-            pc, pr, ref_c, ref_r, cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-            chosen_lengths=lengths(idx, 1), rejected_lengths=lengths(idx, 2),
+        def evaluate(policy, step: int) -> dict[str, float]:
+            margins = []
+            for start in range(0, len(valid), 32):
+                pc, pr = pair_logprobs(policy, valid[start : start + 32])
+                margins.append(cfg.beta * ((pc - vref_c[start : start + 32]) - (pr - vref_r[start : start + 32])))
+            margin = torch.cat(margins)
+            metrics, _ = measure(policy, ref, tokenizer, eval_prompts, sampling, labeler, seed=tc.seed)
+            return {"margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean()), **metrics}
+
+        metrics = trainer.fit(
+            policy, loss=loss, batch=batch, evaluate=evaluate, evaluate_first=True, schedule=tc.schedule(), count=len, unit="samples",
+            plots={"loss.png": ("train/loss", "train/margin", "valid/accuracy", "valid/reward", "valid/kl")},
         )
-        loss.backward()
-        return {"loss": loss.item(), "margin": float((cr - rr).mean()), "accuracy": float((cr > rr).float().mean()), "chosen_reward": float(cr.mean()), "rejected_reward": float(rr.mean())}
-
-    @torch.no_grad()
-    def eval_fn(step: int) -> dict:
-        margins = []
-        for start in range(0, len(valid), 32):
-            pc, pr = pair_logprobs(policy, valid[start : start + 32])
-            margins.append(cfg.beta * ((pc - vref_c[start : start + 32]) - (pr - vref_r[start : start + 32])))
-        margin = torch.cat(margins)
-        metrics, _ = measure(policy, ref, tokenizer, eval_prompts, sampling, labeler, seed=cfg.optim.seed)
-        return {"valid_margin": float(margin.mean()), "valid_accuracy": float((margin > 0).float().mean()), **{f"eval_{k}": v for k, v in metrics.items()}}
-
-    metrics = train_loop(name=f"dpo(beta={cfg.beta})", out_dir=out_dir, config=cfg.to_dict(), optim=cfg.optim, model=policy, optimizer=optimizer, step_fn=step_fn, eval_fn=eval_fn, eval_at_start=True)
-    save_model(final, policy, "policy", tokenizer.path, metrics=metrics, extra={"method": "dpo", "beta": cfg.beta, "loss_type": cfg.loss_type})
-    (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"dpo: wrote {final} ({metrics})")
+        if trainer.is_main:
+            save_model(final, policy, "policy", tokenizer.path, metrics=metrics, extra={"method": "dpo", "beta": cfg.beta, "loss_type": cfg.loss_type})
+            (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+            print(f"dpo: wrote {final} ({metrics})")
     return out_dir

@@ -19,7 +19,6 @@ import torch
 from .config import EvaluateConfig, SamplingConfig
 from .data import collate, split_prompts
 from .labeler import VaderLabeler, pearson
-from .loop import set_threads
 from .model import load_policy, load_scalar_model, tokenizer_of
 from .rollout import completion_logprobs, decode_texts, sample_completions
 
@@ -108,11 +107,10 @@ def training_curve(run_dir: str) -> list[tuple[float, float]]:
     """(eval_kl, eval_reward) points logged during a PPO/DPO run (on valid prompts)."""
     from axon_shared.metrics import read_metrics
 
-    return [(r["eval_kl"], r["eval_reward"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "eval_kl" in r and "eval_reward" in r]
+    return [(r["valid/kl"], r["valid/reward"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "valid/kl" in r and "valid/reward" in r]
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
-    set_threads()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = tokenizer_of(cfg.sft)

@@ -241,6 +241,12 @@ class AdaptiveKLController:
             self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
 
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Supervised fine-tuning: mean next-token NLL over the completion tokens (EOS included); the prompt and the

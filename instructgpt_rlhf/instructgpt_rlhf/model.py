@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from axon_shared.checkpoint import load_checkpoint, save_checkpoint
+from axon_shared.checkpoint import load_checkpoint, run_checkpoints, save_checkpoint
 from torch import Tensor, nn
 from x_llama import Llama, LlamaConfig
 
@@ -87,26 +87,19 @@ def save_model(path: str | Path, model: nn.Module, kind: str, tokenizer_path: st
     return path
 
 
-def _resolve(path: str | Path, name: str) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        path = path / name
-    if not path.is_file():
-        raise FileNotFoundError(f"no {name} at {path}; run the stage that writes it first (see `instructgpt-rlhf --help`)")
-    return path
-
-
 def load_policy(path: str | Path) -> Llama:
-    """A policy saved by `save_model` (a run dir holding policy.safetensors, or the file)."""
-    ckpt = load_checkpoint(_resolve(path, "policy.safetensors"))
-    model = Llama(LlamaConfig.from_dict(ckpt.config["model"]))
+    """A policy saved by `save_model` (a stage's run dir holding policy.safetensors, or the file)."""
+    _, (file,) = run_checkpoints(path, name=None if Path(path).is_file() else "policy.safetensors")
+    ckpt = load_checkpoint(file)
+    model = Llama(ckpt.model_config(LlamaConfig))
     ckpt.restore(model, rng=False)
     return model
 
 
 def load_scalar_model(path: str | Path, name: str = "reward.safetensors") -> ScalarHeadModel:
-    ckpt = load_checkpoint(_resolve(path, name))
-    model = ScalarHeadModel(LlamaConfig.from_dict(ckpt.config["model"]))
+    _, (file,) = run_checkpoints(path, name=None if Path(path).is_file() else name)
+    ckpt = load_checkpoint(file)
+    model = ScalarHeadModel(ckpt.model_config(LlamaConfig))
     ckpt.restore(model, rng=False)
     return model
 

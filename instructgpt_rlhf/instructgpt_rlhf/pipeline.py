@@ -52,17 +52,17 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     image_prefix = f"{root.name}/" if root.parent.name == "demo" else ""
     pretrained = timed("pretrain", pretrain, cfg)
     sft_dir = str(root / "sft")
-    timed("sft", run_sft, cfg.sft.replace(pretrained=pretrained, out_dir=sft_dir))
+    timed("sft", run_sft, cfg.sft.replace(pretrained=pretrained, train={"out_dir": sft_dir}))
     rm_dir = str(root / "reward")
-    timed("reward", run_reward, cfg.reward.replace(sft=sft_dir, out_dir=rm_dir))
+    timed("reward", run_reward, cfg.reward.replace(sft=sft_dir, train={"out_dir": rm_dir}))
     policies = []
     for kl in cfg.kl_coefs:
         d = str(root / f"ppo_kl{kl:g}")
-        timed(f"ppo_kl{kl:g}", run_ppo, cfg.ppo.replace(sft=sft_dir, reward_model=rm_dir, out_dir=d, kl_coef=kl))
+        timed(f"ppo_kl{kl:g}", run_ppo, cfg.ppo.replace(sft=sft_dir, reward_model=rm_dir, kl_coef=kl, train={"out_dir": d}))
         policies.append(d)
     for beta in cfg.betas:
         d = str(root / f"dpo_beta{beta:g}")
-        timed(f"dpo_beta{beta:g}", run_dpo, cfg.dpo.replace(sft=sft_dir, preferences=rm_dir, out_dir=d, beta=beta))
+        timed(f"dpo_beta{beta:g}", run_dpo, cfg.dpo.replace(sft=sft_dir, preferences=rm_dir, beta=beta, train={"out_dir": d}))
         policies.append(d)
     result = timed("evaluate", run_evaluate, cfg.evaluate.replace(sft=sft_dir, reward_model=rm_dir, policies=list(policies), out_dir=str(root / "eval")))
     plots = stage_plots(root, policies)
@@ -75,12 +75,13 @@ def stage_plots(root: Path, policies: list[str]) -> list[Path]:
     from axon_shared.metrics import plot_metrics
 
     wanted = {
-        "sft": ["loss", "valid_loss"],
-        "reward": ["loss", "accuracy", "valid_accuracy", "valid_rm_vs_truth_pearson"],
+        "sft": ["train/loss", "valid/loss"],
+        "reward": ["train/loss", "train/accuracy", "valid/accuracy", "valid/rm_vs_truth_pearson"],
     }
     for p in policies:
         name = Path(p).name
-        wanted[name] = ["score", "reward", "kl", "entropy", "clipfrac", "value_error"] if name.startswith("ppo") else ["loss", "margin", "valid_accuracy", "eval_reward", "eval_kl"]
+        ppo = ["train/score", "train/reward", "train/kl", "train/entropy", "train/clipfrac", "train/value_error"]
+        wanted[name] = ppo if name.startswith("ppo") else ["train/loss", "train/margin", "valid/accuracy", "valid/reward", "valid/kl"]
     out = []
     for name, keys in wanted.items():
         metrics = root / name / "metrics.jsonl"

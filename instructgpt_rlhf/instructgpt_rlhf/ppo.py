@@ -12,17 +12,18 @@ temperature divides the logits in the rollout and in the loss. beta is fixed or 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from axon_shared.seed import seed_everything
+from axon_shared.training import Trainer
 from torch import nn
 
 from .config import PPOConfig
-from .data import Batch, batch_indices, collate, split_prompts
+from .data import Batch, collate, split_prompts
 from .evaluate import measure
 from .labeler import VaderLabeler
-from .loop import make_optimizer, set_threads, train_loop
 from .losses import AdaptiveKLController, gae, kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss, token_entropy
 from .model import load_policy, load_scalar_model, policy_values, save_model, tokenizer_of
 from .rollout import decode_texts, per_token_logprobs, sample_completions
@@ -55,11 +56,11 @@ def sub_batch(batch: Batch, rows: torch.Tensor) -> Batch:
     return Batch(batch.tokens[rows], batch.attention_mask[rows], batch.completion_mask[rows], batch.prompt_len)
 
 
-def ppo_iteration(policy, ref, value, prompts, score_fn, cfg: PPOConfig, optimizer, kl_ctl: AdaptiveKLController, eos_id: int, ptx_fn=None):
+def ppo_iteration(policy, ref, value, prompts, score_fn, cfg: PPOConfig, update: Callable[[torch.Tensor], float], kl_ctl: AdaptiveKLController, eos_id: int, ptx_fn=None):
     """One PPO iteration: rollout -> rewards -> GAE -> `ppo_epochs` passes of minibatch updates.
-    score_fn(batch, completions) -> (B,) sequence scores (the RM; any function in tests). Returns (metrics, completions)."""
+    score_fn(batch, completions) -> (B,) sequence scores (the RM; any function in tests); update(loss) does one
+    optimizer update (backward, clip, step: the training loop's `Trainer.update`). Returns (metrics, completions)."""
     s, T, mb = cfg.sampling, cfg.sampling.temperature, cfg.minibatch_size
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     # ---- rollout --------------------------------------------------------------------------------------------
     policy.eval()
     value.eval()
@@ -97,11 +98,7 @@ def ppo_iteration(policy, ref, value, prompts, score_fn, cfg: PPOConfig, optimiz
                 lm = ptx_fn()
                 loss = loss + cfg.ptx_coef * lm
                 parts["ptx_loss"] = lm.item()
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            update(loss)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v
             updates += 1
@@ -122,54 +119,53 @@ def ppo_iteration(policy, ref, value, prompts, score_fn, cfg: PPOConfig, optimiz
 
 
 def run_ppo(cfg: PPOConfig) -> Path:
-    set_threads()
-    seed_everything(cfg.optim.seed)
-    out_dir = Path(cfg.out_dir)
+    tc = cfg.train
+    out_dir = Path(tc.out_dir)
     final = out_dir / "policy.safetensors"
     if final.exists():
         print(f"ppo: {final} exists, skipping (delete it to retrain)")
         return out_dir
-    tokenizer = tokenizer_of(cfg.sft)
-    eos = tokenizer.eos_id
-    policy = load_policy(cfg.sft)
-    ref = load_policy(cfg.sft).eval().requires_grad_(False)
-    rm = load_scalar_model(cfg.reward_model).eval().requires_grad_(False)
-    value = load_scalar_model(cfg.reward_model)  # value function initialised from the RM
-    s, T = cfg.sampling, cfg.sampling.temperature
-    prompts = split_prompts(tokenizer, "train", cfg.num_prompts, seed=cfg.optim.seed + 7, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
-    eval_prompts = split_prompts(tokenizer, "valid", cfg.eval_prompts, seed=cfg.optim.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
-    models = nn.ModuleDict({"policy": policy, "value": value})
-    optimizer = make_optimizer(models.parameters(), cfg.optim)
-    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-    stream = pretraining_tokens(tokenizer) if cfg.ptx_coef > 0 else None
-    labeler = VaderLabeler()
-    B = s.batch_size
+    with Trainer(tc, cfg, name=f"ppo(kl={cfg.kl_coef})", frozen=("sft", "reward_model")) as trainer:
+        tokenizer = tokenizer_of(cfg.sft)
+        eos = tokenizer.eos_id
+        policy = load_policy(cfg.sft)
+        ref = load_policy(cfg.sft).eval().requires_grad_(False).to(trainer.device)
+        rm = load_scalar_model(cfg.reward_model).eval().requires_grad_(False).to(trainer.device)
+        value = load_scalar_model(cfg.reward_model)  # value function initialised from the RM
+        s = cfg.sampling
+        prompts = split_prompts(tokenizer, "train", cfg.num_prompts, seed=tc.seed + 7, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
+        eval_prompts = split_prompts(tokenizer, "valid", cfg.eval_prompts, seed=tc.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
+        kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        stream = pretraining_tokens(tokenizer) if cfg.ptx_coef > 0 else None
+        labeler = VaderLabeler()
+        seed_everything(tc.seed)  # rollouts draw from the seed, whatever loading the four models drew
 
-    def score_fn(batch, completions):
-        return rm.score(batch.tokens, batch.attention_mask)
+        def score_fn(batch, completions):
+            return rm.score(batch.tokens, batch.attention_mask)
 
-    def ptx_fn():
-        return ptx_loss(policy, stream, cfg.ptx_batch_size, cfg.ptx_seq_len)
+        def ptx_fn():
+            return ptx_loss(policy, stream, cfg.ptx_batch_size, cfg.ptx_seq_len)
 
-    def step_fn(step: int) -> dict:
-        batch_prompts = [prompts[i] for i in batch_indices(len(prompts), B, step, cfg.optim.seed)]
-        metrics, completions = ppo_iteration(
-            policy, ref, value, batch_prompts, score_fn, cfg, optimizer, kl_ctl, eos, ptx_fn if stream is not None else None
+        def step(step_index: int) -> dict[str, float]:
+            batch_prompts = [prompts[i] for i in trainer.batch_indices(len(prompts), step_index)]
+            metrics, completions = ppo_iteration(
+                policy, ref, value, batch_prompts, score_fn, cfg, trainer.update, kl_ctl, eos, ptx_fn if stream is not None else None
+            )
+            truth = labeler(decode_texts(tokenizer, batch_prompts, completions))
+            metrics["reward"] = float(sum(truth) / len(truth))  # ground truth (VADER), for the log only
+            return metrics
+
+        def evaluate(models, step_index: int) -> dict[str, float]:
+            metrics, _ = measure(policy, ref, tokenizer, eval_prompts, s, labeler, seed=tc.seed)
+            return metrics
+
+        metrics = trainer.fit(
+            nn.ModuleDict({"policy": policy, "value": value}), step=step, evaluate=evaluate, evaluate_first=True, schedule=tc.schedule(),
+            state={"kl_controller": kl_ctl}, count=tc.batch_size, unit="samples",
+            plots={"ppo.png": ("train/score", "train/reward", "train/kl", "train/entropy", "valid/reward", "valid/kl")},
         )
-        truth = labeler(decode_texts(tokenizer, batch_prompts, completions))
-        metrics["reward"] = float(sum(truth) / len(truth))  # ground truth (VADER), for the log only
-        return metrics
-
-    def eval_fn(step: int) -> dict:
-        metrics, _ = measure(policy, ref, tokenizer, eval_prompts, s, labeler, seed=cfg.optim.seed)
-        return {f"eval_{k}": v for k, v in metrics.items()}
-
-    metrics = train_loop(
-        name=f"ppo(kl={cfg.kl_coef})", out_dir=out_dir, config=cfg.to_dict(), optim=cfg.optim, model=models, optimizer=optimizer,
-        step_fn=step_fn, eval_fn=eval_fn, self_stepping=True, eval_at_start=True,
-        extra_state=lambda: {"kl_coef": kl_ctl.value}, load_extra_state=lambda extra: setattr(kl_ctl, "value", extra["kl_coef"]),
-    )
-    save_model(final, policy, "policy", tokenizer.path, metrics=metrics, extra={"method": "ppo", "kl_coef": cfg.kl_coef, "ptx_coef": cfg.ptx_coef})
-    (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"ppo: wrote {final} ({metrics})")
+        if trainer.is_main:
+            save_model(final, policy, "policy", tokenizer.path, metrics=metrics, extra={"method": "ppo", "kl_coef": cfg.kl_coef, "ptx_coef": cfg.ptx_coef})
+            (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
+            print(f"ppo: wrote {final} ({metrics})")
     return out_dir

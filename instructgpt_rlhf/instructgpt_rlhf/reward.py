@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 from axon_shared.seed import seed_everything
+from axon_shared.training import Trainer, bf16_autocast
 
 from .config import RewardConfig, SamplingConfig
-from .data import batch_indices, collate, split_prompts
+from .data import collate, split_prompts
 from .labeler import VaderLabeler, bradley_terry_labels, pearson
-from .loop import bf16_autocast, make_optimizer, set_threads, train_loop
 from .losses import reward_model_loss
-from .model import ScalarHeadModel, load_policy, save_model, tokenizer_of
+from .model import ScalarHeadModel, last_index, load_policy, save_model, tokenizer_of
 from .rollout import decode_texts, sample_completions
 
 
@@ -65,7 +65,8 @@ def rm_scores(rm: ScalarHeadModel, records: list[dict]) -> torch.Tensor:
     prompts = [r["prompt"] for r in records for _ in r["completions"]]
     completions = [c for r in records for c in r["completions"]]
     batch = collate(prompts, completions)
-    return rm.score(batch.tokens, batch.attention_mask).view(len(records), -1)
+    values = rm(batch.tokens, batch.attention_mask)  # (N*K, T) through forward, so a DDP wrapper sees the call
+    return values.gather(1, last_index(batch.attention_mask)[:, None]).view(len(records), -1)  # read at the last real token
 
 
 @torch.no_grad()
@@ -88,59 +89,57 @@ def pair_accuracy(rm: ScalarHeadModel, records: list[dict]) -> dict:
 
 
 def run_reward(cfg: RewardConfig) -> Path:
-    set_threads()
-    seed_everything(cfg.optim.seed)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+    out_dir = Path(tc.out_dir)
     final = out_dir / "reward.safetensors"
     if final.exists():
         print(f"reward: {final} exists, skipping (delete it to retrain)")
         return out_dir
-    policy = load_policy(cfg.sft).eval()
-    tokenizer = tokenizer_of(cfg.sft)
-    s = cfg.sampling
-    files = {"train": (out_dir / "preferences_train.jsonl", cfg.num_prompts), "valid": (out_dir / "preferences_valid.jsonl", cfg.num_valid_prompts)}
-    data = {}
-    for split, (path, n) in files.items():
-        if not path.exists():
-            prompts = split_prompts(tokenizer, split, n, seed=cfg.optim.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
-            with bf16_autocast(policy, cfg.optim.bf16):
-                records = build_preferences(policy, tokenizer, prompts, cfg.k, s, cfg.bt_temperature, cfg.optim.seed)
-            write_jsonl(path, records)
-            print(f"reward: sampled and labelled {len(records)} x {cfg.k} completions -> {path}")
-        data[split] = read_jsonl(path)
-    train = [r for r in data["train"] if r["pairs"]]
-    valid = data["valid"]
+    with Trainer(tc, cfg, name="reward", frozen=("sft", "k")) as trainer:
+        policy = load_policy(cfg.sft).eval()
+        tokenizer = tokenizer_of(cfg.sft)
+        s = cfg.sampling
+        files = {"train": (out_dir / "preferences_train.jsonl", cfg.num_prompts), "valid": (out_dir / "preferences_valid.jsonl", cfg.num_valid_prompts)}
+        data = {}
+        with trainer.main_first():  # rank 0 samples and labels the preferences; the others read its files
+            for split, (path, n) in files.items():
+                if not path.exists():
+                    prompts = split_prompts(tokenizer, split, n, seed=tc.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
+                    with bf16_autocast(trainer.device, tc.bf16):
+                        records = build_preferences(policy, tokenizer, prompts, cfg.k, s, cfg.bt_temperature, tc.seed)
+                    write_jsonl(path, records)
+                    print(f"reward: sampled and labelled {len(records)} x {cfg.k} completions -> {path}")
+                data[split] = read_jsonl(path)
+        train = [r for r in data["train"] if r["pairs"]]
+        valid = data["valid"]
+        seed_everything(tc.seed)  # the scalar head starts from the seed, whatever sampling drew
+        rm = ScalarHeadModel.from_policy(policy)
+        del policy
 
-    seed_everything(cfg.optim.seed)
-    rm = ScalarHeadModel.from_policy(policy)
-    del policy
-    optimizer = make_optimizer(rm.parameters(), cfg.optim)
-    bs = cfg.optim.batch_size
+        def batch(step: int, micro: int) -> list[dict]:
+            return [train[i] for i in trainer.batch_indices(len(train), step, micro)]
 
-    def step_fn(step: int) -> dict:
-        chunk = [train[i] for i in batch_indices(len(train), bs, step, cfg.optim.seed)]
-        scores = rm_scores(rm, chunk)  # (B, K): K completions per prompt in one pass
-        rows = torch.tensor([i for i, r in enumerate(chunk) for _ in r["pairs"]])
-        win = torch.tensor([w for r in chunk for w, _ in r["pairs"]])
-        lose = torch.tensor([l for r in chunk for _, l in r["pairs"]])
-        chosen, rejected = scores[rows, win], scores[rows, lose]
-        loss = reward_model_loss(chosen, rejected)  # mean over the C(K,2) pairs of each prompt
-        loss.backward()
-        return {"loss": loss.item(), "accuracy": float((chosen > rejected).float().mean())}
+        def loss(rm: ScalarHeadModel, chunk: list[dict]) -> tuple[torch.Tensor, dict]:
+            scores = rm_scores(rm, chunk)  # (B, K): K completions per prompt in one pass
+            rows = torch.tensor([i for i, r in enumerate(chunk) for _ in r["pairs"]])
+            win = torch.tensor([w for r in chunk for w, _ in r["pairs"]])
+            lose = torch.tensor([lo for r in chunk for _, lo in r["pairs"]])
+            chosen, rejected = scores[rows, win], scores[rows, lose]
+            return reward_model_loss(chosen, rejected), {"accuracy": float((chosen > rejected).float().mean())}  # mean over the C(K,2) pairs
 
-    def eval_fn(step: int) -> dict:
-        return {f"valid_{k}": v for k, v in pair_accuracy(rm, valid).items()}
-
-    metrics = train_loop(name="reward", out_dir=out_dir, config=cfg.to_dict(), optim=cfg.optim, model=rm, optimizer=optimizer, step_fn=step_fn, eval_fn=eval_fn)
-    # bias normalisation: SFT samples (the training completions) score 0 on average
-    with torch.no_grad():
-        rm.eval()
-        means = [rm_scores(rm, train[i : i + 16]).mean() for i in range(0, min(len(train), 256), 16)]
-        shift = float(torch.stack(means).mean())
-        rm.head.bias -= shift
-    metrics = {**metrics, "bias_shift": shift}
-    save_model(final, rm, "reward", tokenizer.path, metrics=metrics)
-    (out_dir / "reward_metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"reward: wrote {final} ({metrics})")
+        metrics = trainer.fit(
+            rm, loss=loss, batch=batch, evaluate=lambda rm, step: pair_accuracy(rm, valid), schedule=tc.schedule(), count=len, unit="samples",
+            plots={"loss.png": ("train/loss", "train/accuracy", "valid/accuracy")},
+        )
+        # bias normalisation: SFT samples (the training completions) score 0 on average
+        with torch.no_grad():
+            rm.eval()
+            means = [rm_scores(rm, train[i : i + 16]).mean() for i in range(0, min(len(train), 256), 16)]
+            shift = float(torch.stack(means).mean())
+            rm.head.bias -= shift
+        metrics = {**metrics, "bias_shift": shift}
+        if trainer.is_main:
+            save_model(final, rm, "reward", tokenizer.path, metrics=metrics)
+            (out_dir / "reward_metrics.json").write_text(json.dumps(metrics, indent=2))
+            print(f"reward: wrote {final} ({metrics})")
     return out_dir

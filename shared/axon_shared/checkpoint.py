@@ -24,12 +24,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .errors import AxonError
 from .seed import capture_rng_state, restore_rng_state
 
 FORMAT = "axon-checkpoint-v1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(AxonError, RuntimeError):
     """The checkpoint is missing, truncated, corrupted, or does not fit the model."""
 
 
@@ -44,6 +45,17 @@ class Checkpoint:
     extra: dict[str, Any]
     tensors: dict[str, dict[str, torch.Tensor]] = field(repr=False)
     state: dict[str, Any] = field(repr=False)
+
+    def model_config(self, config_class: type, section: str = "model") -> Any:
+        """The model config saved with this checkpoint as a `config_class`; a CheckpointError (not a KeyError or an
+        unknown-field error) when the file belongs to another model, e.g. a dali_ddpm run passed to x-llama."""
+        values = self.config.get(section) if isinstance(self.config.get(section), dict) else None
+        try:
+            return config_class.from_dict(values)
+        except Exception as error:  # noqa: BLE001 (any parse failure means: not this kind of model)
+            raise CheckpointError(
+                f"{self.path}: not a checkpoint of a {config_class.__name__} model ({error}); pass a run of the right package"
+            ) from None
 
     def restore(
         self,
@@ -71,17 +83,18 @@ class Checkpoint:
 def save_checkpoint(
     path: str | Path,
     *,
-    model: nn.Module,
+    model: nn.Module | dict[str, torch.Tensor],
     step: int = 0,
     config: dict[str, Any] | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict[str, Any] | None = None,
     ema: Any | None = None,
     metrics: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     rng: bool = True,
 ) -> Path:
-    """Write a checkpoint atomically and return its path."""
+    """Write a checkpoint atomically and return its path. `model` and `optimizer` may also be state dicts (the
+    whole tensors gathered from FSDP shards)."""
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     state: dict[str, Any] = {
@@ -91,9 +104,9 @@ def save_checkpoint(
         "metrics": metrics or {},
         "extra": extra or {},
     }
-    _add(tensors, "model", _unwrap(model).state_dict())
+    _add(tensors, "model", model if isinstance(model, dict) else _unwrap(model).state_dict())
     if optimizer is not None:
-        optim_tensors, state["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+        optim_tensors, state["optimizer"] = _flatten_optimizer(optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
         _add(tensors, "optimizer", optim_tensors)
     if ema is not None:
         _add(tensors, "ema", ema.state_dict())
@@ -151,25 +164,66 @@ def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], *, stri
         raise CheckpointError(f"{source}: checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def latest_checkpoint(directory: str | Path, pattern: str = r"step_(\d+)\.safetensors") -> Path | None:
-    """The checkpoint with the highest step number in `directory`, or None."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := re.fullmatch(pattern, p.name))]
-    return max(found)[1] if found else None
+CHECKPOINT_NAME = re.compile(r"step_(\d+)\.safetensors")
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"step_{step:08d}.safetensors"
 
 
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """The step_*.safetensors files in `directory`, oldest (lowest step) first; [] if there are none."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT_NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The checkpoint with the highest step number in `directory`, or None."""
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
 def prune_checkpoints(directory: str | Path, keep_last: int) -> None:
     """Delete all but the `keep_last` newest step_*.safetensors files."""
-    directory = Path(directory)
-    found = sorted((int(m.group(1)), p) for p in directory.glob("step_*.safetensors") if (m := re.fullmatch(r"step_(\d+)\.safetensors", p.name)))
-    for _, stale in found[: max(0, len(found) - keep_last)]:
+    found = list_checkpoints(directory)
+    for stale in found[: max(0, len(found) - keep_last)]:
         stale.unlink(missing_ok=True)
+
+
+def remove_partial_writes(directory: str | Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes that a crash interrupted (`.step_*.tmp`); return them.
+    Call it only while holding the run's lock (a live writer's temporary file would be deleted too)."""
+    directory = Path(directory)
+    stale = sorted(directory.glob(".step_*.tmp")) if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def run_checkpoints(path: str | Path, *, last: int = 1, name: str | None = None) -> tuple[Path, list[Path]]:
+    """The one run loader's first half: (run directory, checkpoint files, oldest first) for what a user passes.
+
+    - a run directory: its newest `last` checkpoints in <run>/checkpoints (or, with `name`, the file <run>/<name>,
+      a stage's final model such as instructgpt_rlhf's policy.safetensors);
+    - a checkpoint file: that file; its run directory is the folder holding `checkpoints/`.
+    """
+    path = Path(path)
+    if path.is_file():
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return run_dir, [path]
+    if not path.is_dir():
+        raise CheckpointError(f"{path} does not exist; pass a run directory (the --train.out_dir of a training run) or a checkpoint file")
+    if name is not None:
+        if not (path / name).is_file():
+            raise CheckpointError(f"no {name} in {path}; run the stage that writes it first (it is written when training ends)")
+        return path, [path / name]
+    found = list_checkpoints(path / "checkpoints")
+    if not found:
+        raise CheckpointError(f"no checkpoints in {path / 'checkpoints'}; train first (with --train.out_dir {path})")
+    return path, found[-last:]
 
 
 def average_checkpoints(paths: list[str | Path]) -> dict[str, torch.Tensor]:

@@ -27,8 +27,10 @@ from typing import Any, ClassVar, Self
 
 import yaml
 
+from .errors import AxonError
 
-class ConfigError(ValueError):
+
+class ConfigError(AxonError, ValueError):
     """A config value is invalid; the message names the class, the field, the value and what is allowed."""
 
 

@@ -7,11 +7,15 @@ Under `torchrun --nproc-per-node N`, it reads RANK / WORLD_SIZE / LOCAL_RANK and
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -38,10 +42,17 @@ def set_threads(default: int = 0) -> None:
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """'auto' -> cuda if available, else cpu; anything else is passed to torch.device."""
+    """'auto' -> cuda if available, else cpu; anything else is passed to torch.device and checked now (not at the
+    first tensor moved there), with an error naming the fix."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(f"device={requested!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device={requested!r}: this machine has {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s); use auto or cpu")
+    return device
 
 
 def setup_distributed(device: str = "auto") -> DistContext:
@@ -63,17 +74,90 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, ctx: DistContext, *, fsdp: bool = False) -> nn.Module:
-    """DDP (or FSDP2 `fully_shard` if fsdp=True) when distributed; the model itself otherwise."""
+def wrap_model(model: nn.Module, ctx: DistContext, *, fsdp: bool = False, blocks: Iterable[nn.Module] | None = None) -> nn.Module:
+    """DDP when distributed (the model itself otherwise); with fsdp=True, FSDP2: `fully_shard` on every block,
+    then on the root for what is left (embeddings, final norm, head).
+
+    Sharding each block is what makes FSDP save memory: a block's parameters are gathered just before its forward
+    (and backward) and freed after, so at most one block is whole at a time. Sharding only the root would gather
+    the whole model for every forward, which needs as much memory as DDP."""
     if not ctx.is_distributed:
         return model
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        if blocks is None:
+            raise ValueError("FSDP needs the model's blocks (the units to shard); this model does not name them")
+        for block in blocks:
+            fully_shard(block)
         fully_shard(model)
         return model
     device_ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank if `flag` is True on any rank: how all ranks agree to stop at the same step (a rank that
+    stopped alone would leave the others waiting forever in the next collective)."""
+    if not ctx.is_distributed:
+        return flag
+    value = torch.tensor(float(flag), device=ctx.device if ctx.device.type == "cuda" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_to_main(obj: Any, ctx: DistContext) -> list[Any] | None:
+    """Every rank's `obj` as a list on rank 0 (None on the others)."""
+    if not ctx.is_distributed:
+        return [obj]
+    out = [None] * ctx.world_size if ctx.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_main(obj: Any, ctx: DistContext) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not ctx.is_distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts with whole tensors on rank 0 gathered from FSDP shards (a collective: every
+    rank calls it; ranks > 0 get empty dicts). The optimizer's is keyed by parameter index like a plain one."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    full = get_optimizer_state_dict(model, optimizer, options=options)  # keyed by parameter name
+    if "state" not in full:  # ranks > 0 (cpu_offload keeps the full copy on rank 0)
+        return {}, {}
+    index = {name: i for i, name in enumerate(_parameter_names(model, optimizer))}
+    plain = {
+        "state": {index[name]: value for name, value in full["state"].items()},
+        "param_groups": [{**group, "params": [index[n] for n in group["params"]]} for group in full["param_groups"]],
+    }
+    return model_state, plain
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, plain: dict) -> None:
+    """Load a plain (index-keyed, whole-tensor) optimizer state dict into an optimizer over FSDP-sharded parameters."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _parameter_names(model, optimizer)
+    full = {
+        "state": {names[int(i)]: value for i, value in plain["state"].items()},
+        "param_groups": [{**group, "params": [names[int(i)] for i in group["params"]]} for group in plain["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+
+
+def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order (the integer ids of a plain optimizer state dict)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:

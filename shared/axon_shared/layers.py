@@ -2,10 +2,8 @@
 
 - `sinusoidal_embedding`: the Transformer's positional encoding (Vaswani et al. 2017, section 3.5) and DDPM's
   timestep embedding (Ho et al. 2020, appendix B) are the same function with two layouts.
-- `RMSNorm` (Zhang & Sennrich 2019), used by Llama 2.
 - `attention`: scaled dot-product attention (Vaswani et al., eq. 1) over `F.scaled_dot_product_attention`,
   with grouped key/value heads (Ainslie et al. 2023).
-- `FeedForward` (Vaswani et al., eq. 2) and `SwiGLU` (Shazeer 2020), used by the Transformer and Llama 2.
 
 Mask convention (one for the whole project): a boolean tensor broadcastable to (B, H, T_q, T_k) where
 **True means "may attend"**, exactly as `F.scaled_dot_product_attention` reads a boolean `attn_mask`.
@@ -50,20 +48,6 @@ def sinusoidal_embedding(
     if layout == "interleaved":
         return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)  # sin, cos, sin, cos, ...
     raise ValueError(f"layout must be 'interleaved' or 'concat', got {layout!r}")
-
-
-class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), normalised in float32 and cast back (Llama 2's convention)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.type_as(x)
 
 
 def causal_mask(n_queries: int, n_keys: int | None = None, *, device=None) -> Tensor:
@@ -121,33 +105,3 @@ def attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, enable_gqa=n_heads != n_kv_heads
     )
-
-
-class FeedForward(nn.Module):
-    """FFN(x) = W2 act(W1 x + b1) + b2 (Vaswani et al., eq. 2; ReLU in the paper, GELU as an option)."""
-
-    def __init__(self, d_model: int, d_ff: int, *, activation: str = "relu", dropout: float = 0.0, bias: bool = True):
-        super().__init__()
-        activations = {"relu": nn.ReLU, "gelu": nn.GELU}
-        if activation not in activations:
-            raise ValueError(f"activation must be one of {sorted(activations)}, got {activation!r}")
-        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
-        self.activation = activations[activation]()
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
-
-
-class SwiGLU(nn.Module):
-    """SwiGLU(x) = W2 (silu(W1 x) * W3 x) (Shazeer 2020), bias-free as in Llama 2. Names follow Meta's w1/w2/w3."""
-
-    def __init__(self, dim: int, hidden_dim: int, *, bias: bool = False):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=bias)  # gate
-        self.w3 = nn.Linear(dim, hidden_dim, bias=bias)  # up
-        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)  # down
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -36,10 +36,21 @@ class MetricsLogger:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metrics log. A last line cut short by a crash mid-write is dropped (the run resumes from its
+    checkpoint and logs that step again); an unreadable line elsewhere is a damaged file and raises ValueError."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # a torn final line
+            raise ValueError(f"{path}, line {number}: not a JSON object ({line[:60]!r}); the metrics log is damaged") from None
+    return rows
 
 
 def plot_metrics(

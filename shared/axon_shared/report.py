@@ -1,7 +1,7 @@
 """Assemble `runs/demo/REPORT.md` from the datasets table and each package's demo fragment.
 
 Each package's `demo` command writes `<runs/demo>/<package>/REPORT.md` (a Markdown section whose image links
-are relative to `runs/demo`); this joins them in a fixed order.
+are relative to `runs/demo`); this joins every such fragment, in the order of the package names.
 """
 
 from __future__ import annotations
@@ -10,18 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-ORDER = ("transformer", "x_llama", "dali_ddpm", "instructgpt_rlhf")
-
-
 def assemble(demo_dir: Path) -> Path:
     parts = ["# Axon demo report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by `make demo`.", ""]
     datasets = demo_dir / "datasets.md"
     if datasets.exists():
         parts += ["## Datasets (prepared offline)", "", datasets.read_text().strip(), ""]
-    for package in ORDER:
-        fragment = demo_dir / package / "REPORT.md"
-        if fragment.exists():
-            parts += [fragment.read_text().strip(), ""]
+    for fragment in sorted(demo_dir.glob("*/REPORT.md")):
+        parts += [fragment.read_text().strip(), ""]
     out = demo_dir / "REPORT.md"
     out.write_text("\n".join(parts))
     return out

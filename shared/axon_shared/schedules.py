@@ -12,23 +12,6 @@ import torch
 
 
 @dataclass(frozen=True)
-class NoamSchedule:
-    """lrate = factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)  (Vaswani et al. 2017, eq. 3).
-
-    Linear warm-up for `warmup` steps, then decay with the inverse square root of the step; the peak,
-    reached at step = warmup, is factor * (d_model * warmup)^-0.5.
-    """
-
-    d_model: int
-    warmup: int = 4000
-    factor: float = 1.0
-
-    def __call__(self, step: int) -> float:
-        step = max(step, 1)
-        return self.factor * self.d_model**-0.5 * min(step**-0.5, step * self.warmup**-1.5)
-
-
-@dataclass(frozen=True)
 class CosineSchedule:
     """Linear warm-up to max_lr over `warmup` steps, then cosine decay to min_ratio * max_lr at `total` steps
     (Llama 2: 2000 warm-up steps, decay to 10%); constant at the floor after `total`."""

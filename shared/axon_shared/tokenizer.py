@@ -13,8 +13,10 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from .errors import AxonError
 
-class TokenizerError(ValueError):
+
+class TokenizerError(AxonError, ValueError):
     """Missing or unreadable tokenizer model, or bad text."""
 
 

@@ -8,7 +8,8 @@ from torch.testing import assert_close
 from axon_shared import EMA, ConfigError
 from dali_ddpm.config import UNetConfig
 from dali_ddpm.convert import diffusers_unet_kwargs, from_diffusers_state_dict, to_diffusers_state_dict
-from dali_ddpm.model import UNet, count_parameters
+from axon_shared.training import count_parameters
+from dali_ddpm.model import UNet
 
 
 def test_cifar10_parameter_count_is_the_papers_35_7m():

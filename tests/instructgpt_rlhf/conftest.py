@@ -25,5 +25,5 @@ def tiny_base(tmp_path_factory) -> Path:
     texts = [r["text"] for r in movie_snippets("train")[:3000]]
     tokenizer = train_sentencepiece(texts, run / "tokenizer.model", vocab_size=300, num_threads=1)
     model = tiny_llama(tokenizer.vocab_size)
-    save_checkpoint(checkpoint_path(run / "checkpoints", 1), model=model, step=1, config=model.config.to_dict(), extra={"tokenizer": "tokenizer.model"})
+    save_checkpoint(checkpoint_path(run / "checkpoints", 1), model=model, step=1, config={"model": model.config.to_dict()}, extra={"tokenizer": "tokenizer.model"})
     return run

@@ -5,9 +5,8 @@ import copy
 import torch
 from torch import nn
 
-from instructgpt_rlhf.config import OptimConfig, PPOConfig, SamplingConfig
+from instructgpt_rlhf.config import PPOConfig, PPOTrain, SamplingConfig
 from instructgpt_rlhf.dpo import pair_logprobs
-from instructgpt_rlhf.loop import make_optimizer
 from instructgpt_rlhf.losses import AdaptiveKLController, dpo_loss
 from instructgpt_rlhf.model import ScalarHeadModel
 from instructgpt_rlhf.ppo import ppo_iteration
@@ -30,16 +29,23 @@ def test_ppo_raises_a_known_reward():
     value = ScalarHeadModel(policy.config)
     cfg = PPOConfig(
         kl_coef=0.01, ppo_epochs=2, minibatch_size=8, missing_eos_penalty=0.0,
-        sampling=SamplingConfig(max_new_tokens=6, batch_size=16), optim=OptimConfig(lr=5e-3, grad_clip=1.0),
+        sampling=SamplingConfig(max_new_tokens=6, batch_size=16), train=PPOTrain(batch_size=16, lr=5e-3, grad_clip=1.0),
     )
-    optimizer = make_optimizer(nn.ModuleList([policy, value]).parameters(), cfg.optim)
+    params = list(nn.ModuleList([policy, value]).parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=0.0)
+
+    def update(loss):  # what Trainer.update does: backward, clip, step
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad()
     kl_ctl = AdaptiveKLController(cfg.kl_coef)
     prompts = [[1, 3 + i % 5] for i in range(16)]
     eval_prompts = [[1, 3 + i % 5] for i in range(128)]
     before = float(target_rate(sample_completions(policy, eval_prompts, cfg.sampling, EOS)).mean())
     history = []
     for _ in range(8):
-        metrics, _ = ppo_iteration(policy, ref, value, prompts, lambda b, c: target_rate(c), cfg, optimizer, kl_ctl, EOS)
+        metrics, _ = ppo_iteration(policy, ref, value, prompts, lambda b, c: target_rate(c), cfg, update, kl_ctl, EOS)
         history.append(metrics)
     after = float(target_rate(sample_completions(policy, eval_prompts, cfg.sampling, EOS)).mean())
     assert before < 0.1

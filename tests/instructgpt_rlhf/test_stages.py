@@ -7,7 +7,6 @@ import torch
 from axon_shared.checkpoint import load_checkpoint
 from axon_shared.metrics import read_metrics
 
-from instructgpt_rlhf import loop
 from instructgpt_rlhf.cli import main
 from instructgpt_rlhf.config import DPOConfig, EvaluateConfig, PPOConfig, RewardConfig, SFTConfig
 from instructgpt_rlhf.dpo import run_dpo
@@ -21,30 +20,29 @@ def model_tensors(path):
     return load_checkpoint(path).tensors["model"]
 
 
-def test_sft_resume_is_bit_exact(tiny_base, tmp_path, monkeypatch):
-    cfg = SFTConfig.from_preset("tiny", pretrained=str(tiny_base))
-    run_sft(cfg.replace(out_dir=str(tmp_path / "a")))
-    monkeypatch.setattr(loop, "prune_checkpoints", lambda *a, **k: None)  # keep the mid-run checkpoint
+def test_sft_resume_is_bit_exact(tiny_base, tmp_path):
+    cfg = SFTConfig.from_preset("tiny", pretrained=str(tiny_base), train={"keep_last": 2})  # keep the mid-run checkpoint
+    run_sft(cfg.replace(train={"out_dir": str(tmp_path / "a")}))
     b = tmp_path / "b"
-    run_sft(cfg.replace(out_dir=str(b)))
+    run_sft(cfg.replace(train={"out_dir": str(b)}))
     # simulate a crash after step 3: drop everything written later, then run the same command again
     (b / "checkpoints" / "step_00000006.safetensors").unlink()
     (b / "policy.safetensors").unlink()
-    run_sft(cfg.replace(out_dir=str(b)))
+    run_sft(cfg.replace(train={"out_dir": str(b)}))
     ta, tb = model_tensors(tmp_path / "a" / "policy.safetensors"), model_tensors(b / "policy.safetensors")
     assert ta.keys() == tb.keys()
     for key in ta:
         assert torch.equal(ta[key], tb[key]), key
-    la = [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "loss" in r]
-    lb = [(r["step"], r["loss"]) for r in read_metrics(b / "metrics.jsonl") if "loss" in r]
+    la = [(r["step"], r["train/loss"]) for r in read_metrics(tmp_path / "a" / "metrics.jsonl") if "train/loss" in r]
+    lb = [(r["step"], r["train/loss"]) for r in read_metrics(b / "metrics.jsonl") if "train/loss" in r]
     assert la == lb
 
 
 def test_pipeline_stages_on_real_data(tiny_base, tmp_path):
     sft = str(tmp_path / "sft")
-    run_sft(SFTConfig.from_preset("tiny", pretrained=str(tiny_base), out_dir=sft))
+    run_sft(SFTConfig.from_preset("tiny", pretrained=str(tiny_base), train={"out_dir": sft}))
     rm = str(tmp_path / "reward")
-    reward_cfg = RewardConfig.from_preset("tiny", sft=sft, out_dir=rm)
+    reward_cfg = RewardConfig.from_preset("tiny", sft=sft, train={"out_dir": rm})
     run_reward(reward_cfg)
     records = read_jsonl(tmp_path / "reward" / "preferences_train.jsonl")
     assert len(records) == reward_cfg.num_prompts and all(len(r["completions"]) == reward_cfg.k for r in records)
@@ -52,12 +50,12 @@ def test_pipeline_stages_on_real_data(tiny_base, tmp_path):
         assert all(r["scores"][w] > r["scores"][l] for w, l in r["pairs"])
     assert -1 <= min(min(r["scores"]) for r in records) and max(max(r["scores"]) for r in records) <= 1
     ppo = str(tmp_path / "ppo")
-    run_ppo(PPOConfig.from_preset("tiny", sft=sft, reward_model=rm, out_dir=ppo))
+    run_ppo(PPOConfig.from_preset("tiny", sft=sft, reward_model=rm, train={"out_dir": ppo}))
     rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
     for key in ("kl", "score", "reward", "entropy", "clipfrac", "approx_kl", "value_error", "kl_coef"):
-        assert any(key in r for r in rows), key
+        assert any(f"train/{key}" in r for r in rows), key
     dpo = str(tmp_path / "dpo")
-    run_dpo(DPOConfig.from_preset("tiny", sft=sft, preferences=rm, out_dir=dpo))
+    run_dpo(DPOConfig.from_preset("tiny", sft=sft, preferences=rm, train={"out_dir": dpo}))
     result = run_evaluate(EvaluateConfig.from_preset("tiny", sft=sft, reward_model=rm, policies=(ppo, dpo), out_dir=str(tmp_path / "eval")))
     names = [r["name"] for r in result["rows"]]
     assert names == ["SFT", "PPO (kl=0.05)", "DPO (beta=0.1)"]
@@ -72,5 +70,5 @@ def test_cli_reports_bad_values_and_missing_inputs(tmp_path):
         main(["dpo", "--loss_type", "hinge"])
     with pytest.raises(SystemExit, match="PPOConfig.minibatch_size"):
         main(["ppo", "--minibatch_size", "5"])
-    with pytest.raises(FileNotFoundError, match="policy.safetensors"):
-        main(["reward", "--sft", str(tmp_path / "nowhere"), "--out_dir", str(tmp_path / "rm")])
+    with pytest.raises(SystemExit, match="instructgpt-rlhf reward: error: .*nowhere does not exist"):
+        main(["reward", "--sft", str(tmp_path / "nowhere"), "--train.out_dir", str(tmp_path / "rm")])

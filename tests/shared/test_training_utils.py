@@ -9,18 +9,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from axon_shared import EMA, CosineSchedule, MetricsLogger, NoamSchedule, WarmupConstantSchedule, plot_metrics, read_metrics
+from axon_shared import EMA, CosineSchedule, MetricsLogger, WarmupConstantSchedule, plot_metrics, read_metrics
 from axon_shared.cli import Command, build_cli
 from axon_shared.config import AxonConfig, ConfigError, require
-
-
-def test_noam_known_values():
-    noam = NoamSchedule(d_model=512, warmup=4000)
-    assert noam(1) == pytest.approx(512**-0.5 * 4000**-1.5)
-    assert noam(4000) == pytest.approx(512**-0.5 * 4000**-0.5)  # the peak, ~7.0e-4
-    assert noam(4000) == pytest.approx(6.987712429686844e-4)
-    assert noam(16000) == pytest.approx(512**-0.5 * 16000**-0.5)
-    assert max(noam(s) for s in range(1, 20000, 7)) <= noam(4000) + 1e-12
 
 
 def test_cosine_known_values():
@@ -143,3 +134,44 @@ def test_console_invocation_exits_zero(monkeypatch):
     assert main(["run"]) == {"a": 1}
     monkeypatch.setattr("sys.argv", ["demo", "run"])
     assert main() is None  # sys.exit(None) exits 0
+
+
+def test_cli_shows_the_projects_errors_as_one_line(capsys):
+    import errno
+
+    from axon_shared.checkpoint import CheckpointError
+    from axon_shared.errors import Interrupted
+
+    def fail(error):
+        def run(cfg):
+            raise error
+
+        return run
+
+    main = build_cli("demo", {
+        "bad": Command(fail(CheckpointError("ckpt.safetensors: corrupted; delete it")), Inner, "bad"),
+        "full": Command(fail(OSError(errno.ENOSPC, "No space left on device", "/runs/x/step.safetensors")), Inner, "full"),
+        "stop": Command(fail(Interrupted("SIGINT at step 3: saved it", 2, 3)), Inner, "stop"),
+        "bug": Command(fail(ZeroDivisionError("a bug")), Inner, "bug"),
+    })
+    with pytest.raises(SystemExit, match=r"^demo bad: error: ckpt.safetensors: corrupted; delete it \(--debug shows the traceback\)$"):
+        main(["bad"])
+    with pytest.raises(CheckpointError):
+        main(["bad", "--debug"])
+    with pytest.raises(SystemExit, match=r"^demo full: error: No space left on device: /runs/x/step.safetensors"):
+        main(["full"])
+    with pytest.raises(SystemExit) as stopped:
+        main(["stop"])
+    assert stopped.value.code == 130 and capsys.readouterr().err.strip() == "demo stop: SIGINT at step 3: saved it"
+    with pytest.raises(ZeroDivisionError):  # a bug in our code keeps its traceback
+        main(["bug"])
+
+
+def test_text_arguments_are_valid_unicode(capsys):
+    from axon_shared.cli import text_argument
+
+    assert text_argument("Click 😀 OK") == "Click 😀 OK"
+    assert capsys.readouterr().err == ""
+    undecodable = b"caf\xe9".decode("utf-8", "surrogateescape")  # how Python passes such argv bytes
+    assert text_argument(undecodable) == "caf\ufffd"
+    assert "not valid UTF-8" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from transformer.cli import main
 
@@ -11,8 +12,9 @@ from transformer.cli import main
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     main(["train", "--preset", "tiny", "--model.vocab_size", "300", "--model.max_len", "48", "--data.train_limit", "300",
-          "--data.valid_limit", "20", "--data.max_tokens", "400", "--data.spm_sample", "600", "--train.out_dir", str(out),
-          "--train.max_steps", "4", "--train.save_every", "2", "--train.eval_every", "4", "--train.eval_bleu_sentences", "4"])
+          "--data.valid_limit", "20", "--train.batch_size", "400", "--data.spm_sample", "600", "--train.out_dir", str(out),
+          "--train.steps", "4", "--train.checkpoint_every", "2", "--train.eval_every", "4", "--train.eval_bleu_sentences", "4",
+          "--train.progress", "false"])
     return out
 
 
@@ -20,7 +22,7 @@ def test_train_writes_a_run_directory(run_dir):
     assert (run_dir / "config.json").is_file() and (run_dir / "spm.model").is_file()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000002.safetensors", "step_00000004.safetensors"]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert any("valid_bleu" in row for row in rows) and any("train_loss" in row for row in rows)
+    assert any("valid/bleu" in row for row in rows) and any("train/loss" in row for row in rows)
     assert (run_dir / "loss.png").is_file()
 
 
@@ -33,9 +35,32 @@ def test_evaluate_prints_signature(run_dir, capsys):
 
 
 def test_translate_positional_text(run_dir, capsys):
-    outputs = main(["translate", "--run_dir", str(run_dir), "--beam_size", "2", "Open the file.", "", "Click OK."])
-    assert len(outputs) == 3 and outputs[1] == ""
-    assert capsys.readouterr().out.count("\n") == 3
+    outputs = main(["translate", "--run_dir", str(run_dir), "--beam_size", "2", "Open the file.", "", "Click 😀 OK.", "--", "--verbose text"])
+    assert len(outputs) == 4 and outputs[1] == ""
+    assert capsys.readouterr().out.count("\n") == 4
+    with pytest.raises(SystemExit, match="TranslateConfig.alpha=-5.0: must be >= 0"):
+        main(["translate", "--run_dir", str(run_dir), "--alpha", "-5", "Hello"])
+
+
+def test_translate_reads_stdin_that_is_not_utf8(run_dir, capsys, monkeypatch):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"Open the file.\nClick \xff OK.\n")))
+    outputs = main(["translate", "--run_dir", str(run_dir), "--beam_size", "1"])
+    assert len(outputs) == 2
+    assert "not valid UTF-8" in capsys.readouterr().err
+
+
+def test_runtime_errors_are_one_line(run_dir, tmp_path):
+    (tmp_path / "broken" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "broken" / "checkpoints" / "step_00000001.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(SystemExit, match=r"^transformer evaluate: error: .*corrupted or truncated checkpoint.*\(--debug shows the traceback\)$"):
+        main(["evaluate", "--run_dir", str(tmp_path / "broken")])
+    with pytest.raises(SystemExit, match=r"transformer translate: error: .*not a checkpoint of a TransformerConfig model"):
+        from axon_shared.checkpoint import save_checkpoint
+
+        save_checkpoint(tmp_path / "other" / "checkpoints" / "step_00000001.safetensors", model=torch.nn.Linear(2, 2), config={"model": {"ch": 3}})
+        main(["translate", "--run_dir", str(tmp_path / "other"), "Hi"])
 
 
 def test_average_command(run_dir):

@@ -2,12 +2,15 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from axon_shared.checkpoint import load_checkpoint, save_checkpoint
 from axon_shared.config import ConfigError
 from torch import nn
 from torch.testing import assert_close
 
-from transformer import Transformer, TransformerConfig, count_parameters
+from axon_shared.training import count_parameters
+
+from transformer import FeedForward, Transformer, TransformerConfig
 
 PAD = 3
 
@@ -228,3 +231,13 @@ def test_too_long_input_is_a_clear_error():
     model = Transformer(small_config(max_len=10))
     with pytest.raises(ValueError, match="exceeds max_len=10"):
         model(torch.randint(4, 50, (1, 11)), torch.randint(4, 50, (1, 3)))
+
+
+def test_feedforward_matches_explicit_formula():
+    torch.manual_seed(0)
+    ff = FeedForward(8, 32, activation="relu")
+    x = torch.randn(2, 3, 8)
+    expected = F.linear(F.relu(F.linear(x, ff.linear1.weight, ff.linear1.bias)), ff.linear2.weight, ff.linear2.bias)
+    assert_close(ff(x), expected)
+    with pytest.raises(ValueError, match="activation"):
+        FeedForward(8, 32, activation="tanh")

@@ -8,14 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from axon_shared.checkpoint import average_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
-from axon_shared.distributed import DistContext
-from axon_shared.schedules import NoamSchedule
+from axon_shared.training import Trainer
 from torch.testing import assert_close
 
 from transformer import Transformer, TransformerConfig, greedy_decode, label_smoothed_loss
 from transformer.config import TrainConfig
-from transformer.data import Example, collate, length_buckets
-from transformer.train import accumulate_gradients, train
+from transformer.data import BucketedBatches, Example, collate, length_buckets
+from transformer.train import NoamSchedule, target_tokens, token_loss, train
 
 PAD = 3
 
@@ -63,30 +62,47 @@ def test_noam_schedule_values():
     assert schedule(2000) == pytest.approx(schedule(4000) / 2)  # linear warm-up
 
 
-def test_gradient_accumulation_equals_one_big_batch():
-    torch.manual_seed(0)
+def test_gradient_accumulation_weighs_every_target_token_the_same(tmp_path):
+    """Through the training loop with token_loss + target_tokens: micro-batches of 9 and 17 target tokens give the
+    gradient of the label-smoothed loss summed over the whole step / 26 tokens. (With Adam betas 0 and eps = lr =
+    1e6, one AdamW step moves the parameters by minus the gradient.)"""
     cfg = tiny()
-    model = Transformer(cfg)
     gen = torch.Generator().manual_seed(1)
     examples = [Example(torch.randint(4, 30, (n,), generator=gen).tolist() + [2], torch.randint(4, 30, (m,), generator=gen).tolist())
                 for n, m in [(3, 9), (5, 2), (7, 4), (2, 3), (4, 8)]]
-    ctx = DistContext()
+    micro = [collate(examples[:1], cfg), collate(examples[1:], cfg)]
+    assert [target_tokens(b, PAD) for b in micro] == [9 + 1, 17 + 4]  # targets + eos
+    run = TrainConfig(model=cfg).replace(train=dict(out_dir=str(tmp_path), steps=1, grad_accum=2, lr=1e6, eps=1e6, beta1=0.0, beta2=0.0, warmup_steps=1, progress=False))
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    before = [p.detach().clone() for p in model.parameters()]
+    with Trainer(run.train, run, name="test") as trainer:
+        trainer.fit(model, loss=lambda m, b: token_loss(m, b, cfg), batch=lambda step, i: micro[i], weight=lambda b: target_tokens(b, PAD),
+                    schedule=lambda step: 1e6)
+    torch.manual_seed(0)
+    reference = Transformer(cfg)
+    together = collate(examples, cfg)
+    smoothed, _, n = label_smoothed_loss(reference(together[0], together[1]), together[2], epsilon=cfg.label_smoothing, pad_id=PAD)
+    (smoothed / n).backward()
+    for p, b, r in zip(model.parameters(), before, reference.parameters()):
+        assert_close(p.detach() - b, -r.grad, rtol=1e-4, atol=1e-6)
 
-    def grads(micro):
-        model.zero_grad()
-        accumulate_gradients(model, micro, cfg, ctx)
-        return [p.grad.clone() for p in model.parameters()]
 
-    together = grads([collate(examples, cfg)])
-    split = grads([collate(examples[:1], cfg), collate(examples[1:], cfg)])  # 9 vs 17 target tokens
-    for a, b in zip(together, split):
-        assert_close(a, b, rtol=1e-5, atol=1e-6)
-    # dividing each micro-batch by its own token count would be wrong, and detectably so
-    model.zero_grad()
-    for micro in [collate(examples[:1], cfg), collate(examples[1:], cfg)]:
-        smoothed, _, n = label_smoothed_loss(model(micro[0], micro[1]), micro[2], epsilon=cfg.label_smoothing, pad_id=PAD)
-        (smoothed / n / 2).backward()
-    assert max((p.grad - g).abs().max() for p, g in zip(model.parameters(), together)) > 1e-4
+def test_bucketed_batches_are_a_pure_function_of_the_index():
+    """Micro-batch m of the endless epochs: the same whatever was asked before (resume needs no data position),
+    every example once per epoch, and each rank of 2 takes every other batch."""
+    examples = [Example([5] * (1 + i % 13) + [2], [6] * (1 + i % 7)) for i in range(200)]
+    batches = BucketedBatches(examples, max_tokens=60, seed=3)
+    sequence = [batches(m) for m in range(3 * batches.per_epoch)]
+    fresh = BucketedBatches(examples, max_tokens=60, seed=3)
+    assert fresh(2 * batches.per_epoch + 5) == sequence[2 * batches.per_epoch + 5]
+    first_epoch = [id(e) for b in sequence[: batches.per_epoch] for e in b]
+    assert sorted(first_epoch) == sorted(id(e) for e in examples)
+    assert sequence[: batches.per_epoch] != sequence[batches.per_epoch : 2 * batches.per_epoch]  # reshuffled
+    ranks = [BucketedBatches(examples, max_tokens=60, seed=3, rank=r, world_size=2) for r in range(2)]
+    everything = length_buckets([e.size for e in examples], 60, 3 * 100_003)
+    assert ranks[0].per_epoch == len(everything) // 2
+    assert [len(b) for b in (ranks[0](0), ranks[1](0))] == [len(everything[0]), len(everything[1])]
 
 
 def test_length_buckets_respect_max_tokens_and_cover_everything():
@@ -145,12 +161,13 @@ def test_overfits_a_small_batch(task):
     assert greedy_decode(model, src, max_len=12) == targets
 
 
-def run_config(out_dir, max_steps):
+def run_config(out_dir, steps):
     return TrainConfig.from_preset(
         "tiny",
         model=dict(vocab_size=300, max_len=48),
-        data=dict(train_limit=300, valid_limit=30, max_tokens=400, spm_sample=600),
-        train=dict(out_dir=str(out_dir), max_steps=max_steps, save_every=3, eval_every=3, eval_bleu_sentences=5, log_every=1, warmup=10),
+        data=dict(train_limit=300, valid_limit=30, spm_sample=600),
+        train=dict(out_dir=str(out_dir), batch_size=400, steps=steps, checkpoint_every=3, eval_every=3, eval_bleu_sentences=5, log_every=1,
+                   warmup_steps=10, progress=False),
     )
 
 
@@ -164,7 +181,6 @@ def test_exact_resume(tmp_path):
     assert a.step == b.step == 6
     for name, tensor in a.tensors["model"].items():
         assert torch.equal(tensor, b.tensors["model"][name]), name
-    assert a.extra["epoch"] == b.extra["epoch"] and a.extra["position"] == b.extra["position"]
     first = load_checkpoint(tmp_path / "straight" / "checkpoints" / "step_00000003.safetensors")
     assert any(not torch.equal(t, a.tensors["model"][k]) for k, t in first.tensors["model"].items())  # training moved
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
@@ -187,28 +203,3 @@ def test_translator_bad_input(tmp_path):
     assert all(isinstance(o, str) for o in out)  # unknown characters (unk) and over-long input still translate
     assert any("truncated" in str(w.message) for w in caught)
     assert translator.translate([], beam_size=4) == []
-
-
-def test_ddp_two_ranks_equal_one_process_with_accumulation(tmp_path):
-    """2 ranks x 2 micro-batches each (unequal token counts) give the gradient of the whole 4-micro-batch step."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    worker = Path(__file__).with_name("_transformer_ddp_worker.py")
-    out = tmp_path / "ddp.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    sys.path.insert(0, str(worker.parent))
-    try:
-        from _transformer_ddp_worker import make_problem
-    finally:
-        sys.path.pop(0)
-    cfg, model, micro = make_problem()
-    accumulate_gradients(model, micro, cfg, DistContext())
-    ddp_grads = load_checkpoint(out).tensors["grad"]
-    for name, p in model.named_parameters():
-        assert_close(ddp_grads[name], p.grad, rtol=1e-5, atol=1e-6)

@@ -11,16 +11,17 @@ from torch.testing import assert_close
 
 from x_llama import Llama, LlamaConfig, TrainConfig, generate, lm_loss, load_pretrained
 from x_llama.cli import main
-from x_llama.train import param_groups, train
+from axon_shared.training import decay_groups
+from x_llama.train import train
 
 
 def small_train_config(out_dir, tokenizer_path, **train_overrides) -> TrainConfig:
     return TrainConfig.from_preset(
         "tiny",
         model={"n_layers": 1, "max_seq_len": 32},
-        data={"seq_len": 16, "batch_size": 4, "tokenizer": str(tokenizer_path), "max_train_chars": 200_000, "max_valid_chars": 20_000},
-        train={"out_dir": str(out_dir), "warmup_steps": 2, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 3,
-               "log_every": 1, "progress": False, **train_overrides},
+        data={"seq_len": 16, "tokenizer": str(tokenizer_path), "max_train_chars": 200_000, "max_valid_chars": 20_000},
+        train={"out_dir": str(out_dir), "batch_size": 4, "warmup_steps": 2, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 3,
+               "log_every": 1, "progress": False, "keep_last": 5, **train_overrides},
     )
 
 
@@ -40,19 +41,33 @@ def test_overfits_a_single_batch():
 
 
 def test_weight_decay_only_on_matrices(tiny_model):
-    decay, no_decay = param_groups(tiny_model, 0.1)
+    decay, no_decay = decay_groups(tiny_model, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     assert len(no_decay["params"]) == 2 * tiny_model.config.n_layers + 1  # the RMSNorm gains
 
 
-def test_resume_is_bit_exact(tmp_path, tokenizer_path):
-    """Run A: 6 steps. Run B: 3 steps, stop, resume to 6. Parameters and optimizer state are identical."""
-    uninterrupted = train(small_train_config(tmp_path / "a", tokenizer_path, max_steps=6))
-    interrupted = small_train_config(tmp_path / "b", tokenizer_path, max_steps=3, total_steps=6)
-    train(interrupted)
+def test_resume_after_a_crash_is_bit_exact(tmp_path, tokenizer_path, monkeypatch):
+    """Run A: 6 steps. Run B crashes during step 5 (after the step-3 checkpoint); the same command resumes it to 6.
+    Parameters, optimizer state and the metrics log are identical."""
+    import x_llama.train as x_llama_train
+
+    uninterrupted = train(small_train_config(tmp_path / "a", tokenizer_path, steps=6))
+    real_batch_at = x_llama_train.batch_at
+    config = small_train_config(tmp_path / "b", tokenizer_path, steps=6)
+    step_5 = x_llama_train.step_seed(config.train.seed, 0, 5, 0)  # the windows of step 5 (counted from 1), micro-batch 0
+
+    def crash_at_step_5(stream, batch_size, seq_len, seed):
+        if seed == step_5:
+            raise RuntimeError("simulated crash")
+        return real_batch_at(stream, batch_size, seq_len, seed)
+
+    monkeypatch.setattr(x_llama_train, "batch_at", crash_at_step_5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config)
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step_00000003.safetensors"
-    resumed = train(interrupted.replace(train={"max_steps": 6}))
+    monkeypatch.setattr(x_llama_train, "batch_at", real_batch_at)
+    resumed = train(config)
     a = load_checkpoint(latest_checkpoint(uninterrupted / "checkpoints"))
     b = load_checkpoint(latest_checkpoint(resumed / "checkpoints"))
     assert a.step == b.step == 6
@@ -66,19 +81,21 @@ def test_resume_is_bit_exact(tmp_path, tokenizer_path):
     assert steps_a == steps_b
 
 
-def test_resuming_with_another_model_config_is_refused(tmp_path, tokenizer_path):
-    from axon_shared.checkpoint import CheckpointError
+def test_resuming_with_another_model_config_is_refused_before_anything_is_written(tmp_path, tokenizer_path):
+    from axon_shared.errors import ConfigMismatchError
 
-    config = small_train_config(tmp_path / "run", tokenizer_path, max_steps=1)
+    config = small_train_config(tmp_path / "run", tokenizer_path, steps=1)
     train(config)
-    with pytest.raises(CheckpointError, match="different model config"):
-        train(config.replace(model={"dim": 32, "n_heads": 2, "n_kv_heads": 1}, train={"max_steps": 2}))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    with pytest.raises(ConfigMismatchError, match=r"model\.dim: 64 in the checkpoints, 32 now"):
+        train(config.replace(model={"dim": 32, "n_heads": 2, "n_kv_heads": 1}, train={"steps": 2}))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before  # config.json included
 
 
 def test_loss_falls_and_load_pretrained_round_trips(tmp_path, tokenizer_path):
-    run = train(small_train_config(tmp_path / "run", tokenizer_path, max_steps=40, lr=1e-2, eval_every=40, checkpoint_every=40))
+    run = train(small_train_config(tmp_path / "run", tokenizer_path, steps=40, lr=1e-2, eval_every=40, checkpoint_every=40))
     rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if "loss" in r]
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
     assert losses[-1] < losses[0] - 0.5
     for name in ("config.json", "loss.png", "samples.md"):
         assert (run / name).is_file(), name
@@ -106,23 +123,31 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_config):
 
 def test_cli_train_generate_evaluate(tmp_path, tokenizer_path, capsys):
     out = tmp_path / "cli"
-    main(["train", "--preset", "tiny", "--model.n_layers", "1", "--data.seq_len", "16", "--data.batch_size", "4",
+    main(["train", "--preset", "tiny", "--model.n_layers", "1", "--data.seq_len", "16", "--train.batch_size", "4",
           "--data.tokenizer", str(tokenizer_path), "--data.max_train_chars", "100000", "--data.max_valid_chars", "20000",
-          "--train.max_steps", "2", "--train.eval_batches", "1", "--train.progress", "false", "--train.out_dir", str(out)])
+          "--train.steps", "2", "--train.eval_batches", "1", "--train.progress", "false", "--train.out_dir", str(out)])
     assert latest_checkpoint(out / "checkpoints") is not None
     main(["generate", "--checkpoint", str(out), "--prompt", "In the beginning", "--max_new_tokens", "5"])
     assert capsys.readouterr().out.startswith("In the beginning")
     main(["evaluate", "--checkpoint", str(out), "--split", "valid", "--batches", "2", "--batch_size", "2"])
     assert "perplexity" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match=r"OptimConfig\.max_steps"):
-        main(["train", "--preset", "tiny", "--train.max_steps", "0"])
+    with pytest.raises(SystemExit, match=r"TrainSection\.steps=0: must be > 0"):
+        main(["train", "--preset", "tiny", "--train.steps", "0"])
+    with pytest.raises(SystemExit, match=r"DataConfig\.max_train_chars=-5: must be > 0"):
+        main(["train", "--preset", "tiny", "--data.max_train_chars", "-5"])
+    with pytest.raises(SystemExit, match=r"TrainSection\.max_minutes=0\.0: must be > 0 minutes, or null"):
+        main(["train", "--preset", "tiny", "--train.max_minutes", "0"])
+    with pytest.raises(SystemExit, match=r"GenerateConfig\.max_new_tokens=500: the prompt has \d+ tokens and the model's context is 128"):
+        main(["generate", "--checkpoint", str(out), "--prompt", "In the beginning", "--max_new_tokens", "500"])
+    with pytest.raises(SystemExit, match=r"x-llama generate: error: .*nowhere does not exist; pass a run directory"):
+        main(["generate", "--checkpoint", str(out / "nowhere"), "--prompt", "Hi"])
 
 
 def test_demo_writes_a_report_fragment(tmp_path, tokenizer_path, monkeypatch):
     """`x-llama demo` (with a 4-step run standing in for the 3-minute one) writes REPORT.md for `make demo`."""
-    import x_llama.cli as cli
+    import x_llama.train as x_llama_train
 
-    monkeypatch.setattr(cli, "train", lambda cfg: train(small_train_config(cfg.train.out_dir, tokenizer_path, max_steps=4, eval_every=2)))
+    monkeypatch.setattr(x_llama_train, "train", lambda cfg: train(small_train_config(cfg.train.out_dir, tokenizer_path, steps=4, eval_every=2)))
     out = tmp_path / "demo" / "x_llama"
     main(["demo", "--out_dir", str(out)])
     report = (out / "REPORT.md").read_text()

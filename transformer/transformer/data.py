@@ -10,7 +10,6 @@ all right-padded with pad_id (eos always precedes the padding).
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,14 +117,24 @@ def pad(rows: list[list[int]], pad_id: int) -> Tensor:
     return out
 
 
-def batch_stream(examples: list[Example], max_tokens: int, seed: int, epoch: int, position: int, *, rank: int = 0,
-                 world_size: int = 1) -> Iterator[tuple[int, int, list[Example]]]:
-    """Endless micro-batches: yields (epoch, next position, examples). Epoch e uses length_buckets(seed + e);
-    rank r takes every world_size-th batch (the list is cut to a multiple of world_size so ranks stay in step)."""
-    sizes = [e.size for e in examples]
-    while True:
-        batches = length_buckets(sizes, max_tokens, seed * 100_003 + epoch)
-        batches = batches[: len(batches) - len(batches) % world_size][rank::world_size]
-        for index in range(position, len(batches)):
-            yield epoch, index + 1, [examples[i] for i in batches[index]]
-        epoch, position = epoch + 1, 0
+class BucketedBatches:
+    """This rank's micro-batch number m of an endless sequence of epochs, as a pure function of m (so a resumed run
+    needs no data position of its own). Epoch e is length_buckets(seed * 100_003 + e); rank r takes every
+    world_size-th batch (the list cut to a multiple of world_size, so ranks stay in step). Every epoch has the same
+    number of batches: the sorted sizes, hence the greedy fill, do not depend on the seed."""
+
+    def __init__(self, examples: list[Example], max_tokens: int, seed: int, *, rank: int = 0, world_size: int = 1):
+        self.examples, self.max_tokens, self.seed, self.rank, self.world_size = examples, max_tokens, seed, rank, world_size
+        self.sizes = [e.size for e in examples]
+        self._epoch, self._batches = -1, []
+        self.per_epoch = len(self._epoch_batches(0))
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch != self._epoch:  # one epoch's buckets at a time (consecutive calls stay in the same epoch)
+            batches = length_buckets(self.sizes, self.max_tokens, self.seed * 100_003 + epoch)
+            self._epoch, self._batches = epoch, batches[: len(batches) - len(batches) % self.world_size][self.rank :: self.world_size]
+        return self._batches
+
+    def __call__(self, index: int) -> list[Example]:
+        epoch, position = divmod(index, self.per_epoch)
+        return [self.examples[i] for i in self._epoch_batches(epoch)[position]]

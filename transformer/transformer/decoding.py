@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from .model import Transformer
@@ -124,7 +125,7 @@ def beam_search(
             logp[:, cfg.eos_id] = float("-inf")
         logp = _force_eos(logp, at_limit, cfg.eos_id)
         vocab = logp.shape[-1]
-        cand = (alive_logp[:, :, None] + logp.view(n, k, vocab)).view(n, k * vocab)
+        cand = rearrange(alive_logp[:, :, None] + rearrange(logp, "(n k) v -> n k v", k=k), "n k v -> n (k v)")  # every beam's every next token
         top_logp, top_idx = cand.topk(min(2 * k, k * vocab), dim=-1)  # (n, 2K)
         origin, token = top_idx // vocab, top_idx % vocab
         cand_seq = torch.cat([alive_seq.gather(1, origin[:, :, None].expand(-1, -1, t)), token[:, :, None]], dim=2)  # (n, 2K, t+1)
@@ -154,12 +155,12 @@ def beam_search(
         if early_stopping:
             bound = alive_logp[:, 0] / length_penalty(limits[active].float(), alpha)
             done |= fin_score[active, -1] >= bound
-        rows = (torch.arange(n, device=device)[:, None] * k + origin).view(-1)  # reorder the cache to the new beams
+        rows = rearrange(torch.arange(n, device=device)[:, None] * k + origin, "n k -> (n k)")  # reorder the cache to the new beams
         if done.any():
             running = (~done).nonzero().squeeze(1)
             if running.numel() == 0:
                 break
-            rows = rows.view(n, k)[running].view(-1)
+            rows = rearrange(rearrange(rows, "(n k) -> n k", k=k)[running], "n k -> (n k)")
             cache = cache.select(rows)  # sentences dropped: select cross-attention rows too
             active, alive_logp, alive_seq, token = active[running], alive_logp[running], alive_seq[running], token[running]
         else:

@@ -19,9 +19,10 @@ def demo_config(cfg: DemoConfig) -> TrainConfig:
     return TrainConfig.from_preset(
         "cpu",
         model=dict(vocab_size=4000, d_model=128, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=512, dropout=0.0, max_len=128),
-        data=dict(max_tokens=1500, spm_sample=20_000),
-        train=dict(out_dir=cfg.out_dir, max_minutes=cfg.minutes, warmup=100, lr_factor=0.15, eval_every=100_000,
-                   eval_minutes=cfg.minutes / 4, save_every=100_000, eval_bleu_sentences=100, log_every=10),
+        data=dict(spm_sample=20_000),
+        # peak lr 1.06e-3 = 0.15 * (128 * 100)^-0.5; about 120 steps a minute on 2 cores
+        train=dict(out_dir=cfg.out_dir, batch_size=1500, max_minutes=cfg.max_minutes, warmup_steps=100, lr=1.0607e-3, eval_every=125,
+                   checkpoint_every=100_000, eval_bleu_sentences=100, log_every=10),
     )
 
 
@@ -36,18 +37,18 @@ def run_demo(cfg: DemoConfig) -> Path:
     sources, references = [s for s, _ in pairs], [t for _, t in pairs]
     greedy_bleu, signature = bleu(translator.translate(sources, beam_size=1), references)
     examples = translator.translate(sources[:5], beam_size=4)
-    rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if "valid_bleu" in r]
+    rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if "valid/bleu" in r]
     name = out_dir.name
     lines = [
         "## Attention Is All You Need (transformer)",
         "",
         f"A {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter post-norm Transformer trained for "
-        f"{cfg.minutes:g} minutes on `de-en-libreoffice` (en->de), from scratch including its BPE vocabulary. "
+        f"{cfg.max_minutes:g} minutes on `de-en-libreoffice` (en->de), from scratch including its BPE vocabulary. "
         f"Greedy sacreBLEU on the first {len(pairs)} test sentences: **{greedy_bleu:.1f}** (`{signature}`).",
         "",
         "| step | minutes | valid NLL / token | valid BLEU (greedy, 100 sentences) |",
         "|---:|---:|---:|---:|",
-        *[f"| {r['step']} | {r['time'] / 60:.1f} | {r['valid_nll']:.3f} | {r['valid_bleu']:.1f} |" for r in rows],
+        *[f"| {r['step']} | {r['time'] / 60:.1f} | {r['valid/nll']:.3f} | {r['valid/bleu']:.1f} |" for r in rows],
         "",
         f"![loss]({name}/loss.png) ![bleu]({name}/bleu.png)",
         "",

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import sacrebleu
 import torch
-from axon_shared.checkpoint import CheckpointError, average_checkpoints, load_checkpoint, load_model_state
+from axon_shared.checkpoint import average_checkpoints, load_checkpoint, load_model_state, run_checkpoints
 from axon_shared.tokenizer import Tokenizer, load_tokenizer
 
-from .config import TrainConfig
+from .config import TrainConfig, TransformerConfig
 from .data import check_tokenizer, pad
 from .decoding import beam_search, greedy_decode
 from .model import Transformer
@@ -20,31 +19,18 @@ from .model import Transformer
 TOKENIZER_FILE = "spm.model"
 
 
-def checkpoint_files(run_dir: str | Path) -> list[Path]:
-    """step_*.safetensors of a run, oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    found = [(int(m.group(1)), p) for p in folder.glob("step_*.safetensors") if (m := re.fullmatch(r"step_(\d+)\.safetensors", p.name))]
-    return [p for _, p in sorted(found)]
-
-
 def load_model(run_dir: str | Path, checkpoint: str = "", average_last: int = 1, device: str = "cpu") -> tuple[Transformer, Tokenizer, TrainConfig]:
     """The model of a run (eval mode) with its tokenizer and config. checkpoint="" takes the latest;
-    average_last=N > 1 loads the element-wise mean of the last N checkpoints instead."""
-    run_dir = Path(run_dir)
-    if checkpoint:
-        paths = [Path(checkpoint)]
-    else:
-        paths = checkpoint_files(run_dir)
-        if not paths:
-            raise CheckpointError(f"no checkpoints in {run_dir / 'checkpoints'}; train first: transformer train --train.out_dir {run_dir}")
-        paths = paths[-average_last:]
+    average_last=N > 1 loads the element-wise mean of the last N checkpoints instead (section 6.1)."""
+    run_dir, paths = run_checkpoints(checkpoint or run_dir, last=average_last)
     ckpt = load_checkpoint(paths[-1])
-    config = TrainConfig.from_dict(ckpt.config)
-    model = Transformer(config.model)
+    model_config = ckpt.model_config(TransformerConfig)
+    config = TrainConfig.from_dict({key: ckpt.config[key] for key in ("model", "data") if key in ckpt.config})
+    model = Transformer(model_config)
     state = average_checkpoints(paths) if len(paths) > 1 else ckpt.tensors["model"]
     load_model_state(model, state, source=paths[-1])
     tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
-    check_tokenizer(tokenizer, config.model)
+    check_tokenizer(tokenizer, model_config)
     return model.to(device).eval(), tokenizer, config
 
 
@@ -85,3 +71,64 @@ def bleu(hypotheses: list[str], references: list[str]) -> tuple[float, str]:
     metric = sacrebleu.metrics.BLEU()
     score = metric.corpus_score(hypotheses, [references])
     return score.score, str(metric.get_signature())
+
+
+# ---- the commands ----------------------------------------------------------------------------------------------
+
+
+def translate_command(cfg) -> list[str]:
+    """`transformer translate`: text arguments (or stdin lines) to stdout, one line each."""
+    from axon_shared.cli import text_argument
+    from axon_shared.distributed import pick_device
+
+    model, tokenizer, _ = load_model(cfg.run_dir, cfg.checkpoint, cfg.average_last, str(pick_device(cfg.device)))
+    texts = [text_argument(t) for t in cfg.text] if cfg.text else text_argument(None, "input").splitlines()
+    outputs = Translator(model, tokenizer).translate(texts, beam_size=cfg.beam_size, alpha=cfg.alpha, batch_size=cfg.batch_size)
+    for line in outputs:
+        print(line)
+    return outputs
+
+
+def evaluate_command(cfg) -> dict:
+    """`transformer evaluate`: sacreBLEU of greedy and beam decoding on a held-out split."""
+    import json
+    import time
+
+    from axon_shared.distributed import pick_device
+
+    from .data import load_pairs
+
+    model, tokenizer, train_cfg = load_model(cfg.run_dir, cfg.checkpoint, cfg.average_last, str(pick_device(cfg.device)))
+    pairs = load_pairs(train_cfg.data, cfg.split)
+    if cfg.limit:
+        pairs = pairs[: cfg.limit]
+    sources, references = [s for s, _ in pairs], [t for _, t in pairs]
+    translator = Translator(model, tokenizer)
+    result: dict = {"split": cfg.split, "sentences": len(pairs), "corpora": list(train_cfg.data.corpora),
+                    "direction": f"{train_cfg.data.src_lang}->{train_cfg.data.tgt_lang}", "average_last": cfg.average_last}
+    modes = ([("greedy", 1)] if cfg.greedy else []) + ([(f"beam{cfg.beam_size}", cfg.beam_size)] if cfg.beam_size > 1 else [])
+    for name, beam in modes:
+        start = time.time()
+        hyps = translator.translate(sources, beam_size=beam, alpha=cfg.alpha, batch_size=cfg.batch_size)
+        score, signature = bleu(hyps, references)
+        result[name] = {"bleu": round(score, 2), "seconds": round(time.time() - start, 1), "examples": hyps[:5]}
+        result["signature"] = signature
+        print(f"{name}: BLEU {score:.2f}  ({len(pairs)} sentences, {time.time() - start:.0f} s)")
+    print(f"sacreBLEU signature: {result.get('signature')}")
+    out = Path(cfg.out) if cfg.out else Path(cfg.run_dir) / f"eval_{cfg.split}.json"
+    out.write_text(json.dumps(result, indent=2, ensure_ascii=False))
+    return result
+
+
+def average_command(cfg) -> Path:
+    """`transformer average`: one checkpoint holding the mean of the last N checkpoints' weights (section 6.1)."""
+    from axon_shared.checkpoint import save_checkpoint
+
+    _, paths = run_checkpoints(cfg.run_dir, last=cfg.last)
+    last = load_checkpoint(paths[-1])
+    model = Transformer(last.model_config(TransformerConfig))
+    model.load_state_dict(average_checkpoints(paths))
+    out = Path(cfg.out) if cfg.out else Path(cfg.run_dir) / "averaged.safetensors"
+    save_checkpoint(out, model=model, step=last.step, config=last.config, extra={"averaged": [p.name for p in paths]}, rng=False)
+    print(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) -> {out}")
+    return out

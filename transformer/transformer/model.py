@@ -10,10 +10,11 @@ Masks follow axon_shared's convention: boolean, True = may attend.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from axon_shared.layers import FeedForward, attention, padding_mask, sinusoidal_embedding
+from axon_shared.layers import attention, padding_mask, sinusoidal_embedding
+from einops import rearrange
 from torch import Tensor, nn
 
 from .config import TransformerConfig
@@ -36,8 +37,8 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
-    def _split(self, x: Tensor) -> Tensor:  # (B, T, d_model) -> (B, h, T, d_k)
-        return x.unflatten(-1, (self.n_heads, self.d_head)).transpose(1, 2)
+    def _split(self, x: Tensor) -> Tensor:
+        return rearrange(x, "b t (h d) -> b h t d", h=self.n_heads)
 
     def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, S, d_model) -> keys, values (B, h, S, d_k)."""
@@ -47,7 +48,24 @@ class MultiHeadAttention(nn.Module):
         """x: queries (B, T, d_model); kv: projected keys/values (B, h, S, d_k); mask broadcastable to (B, h, T, S)."""
         q = self._split(self.q_proj(x))
         out = attention(q, *kv, mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, T, d_model)
+        return self.out_proj(rearrange(out, "b h t d -> b t (h d)"))  # Concat(head_1..head_h) W^O
+
+
+class FeedForward(nn.Module):
+    """FFN(x) = W2 act(W1 x + b1) + b2, applied at every position alike (section 3.3, eq. 2; ReLU in the paper,
+    GELU as an option)."""
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str = "relu"):
+        super().__init__()
+        activations = {"relu": nn.ReLU, "gelu": nn.GELU}
+        if activation not in activations:
+            raise ValueError(f"activation must be one of {sorted(activations)}, got {activation!r}")
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.activation = activations[activation]()
+        self.linear2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.activation(self.linear1(x)))
 
 
 class SublayerConnection(nn.Module):
@@ -89,7 +107,6 @@ class DecoderCache:
     cross_kv: list[tuple[Tensor, Tensor]]
     src_mask: Tensor  # (B, 1, 1, S)
     length: int = 0  # tokens decoded so far = position of the next token
-    extra: dict = field(default_factory=dict)
 
     def select(self, index: Tensor, *, cross: bool = True) -> "DecoderCache":
         """Keep / reorder batch rows (beam search reorders hypotheses; finished sentences are dropped)."""
@@ -225,8 +242,3 @@ class Transformer(nn.Module):
             x, cache.self_kv[i] = layer(x, cache.cross_kv[i], cache.src_mask, cache.self_kv[i], use_cache=True)
         cache.length += tokens.shape[1]
         return self.project(self.decoder_norm(x))
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct trainable parameters (a tied matrix counts once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,9 +1,9 @@
 """x_llama: Llama 2 (Touvron et al. 2023) from scratch: RoPE, RMSNorm, SwiGLU, MHA/GQA/MQA, a KV cache,
 Hugging Face / Meta interop, pretraining on en-text and generation. See README.md."""
 
-from .config import DataConfig, LlamaConfig, OptimConfig, TrainConfig
+from .config import DataConfig, LlamaConfig, TrainConfig, TrainSection
 from .generation import Generation, generate, sample_next, stream_generate
-from .model import KVCache, Llama, lm_loss
+from .model import KVCache, Llama, RMSNorm, SwiGLU, lm_loss
 
 
 def load_pretrained(path, device="cpu"):
@@ -14,6 +14,6 @@ def load_pretrained(path, device="cpu"):
 
 
 __all__ = [
-    "DataConfig", "Generation", "KVCache", "Llama", "LlamaConfig", "OptimConfig", "TrainConfig",
+    "DataConfig", "Generation", "KVCache", "Llama", "LlamaConfig", "RMSNorm", "SwiGLU", "TrainConfig", "TrainSection",
     "generate", "lm_loss", "load_pretrained", "sample_next", "stream_generate",
 ]

@@ -1,7 +1,8 @@
 """Typed configs for x_llama: the model (`LlamaConfig`, Touvron et al. 2023, table 1/section 2.2) and the
 commands (`TrainConfig`, `GenerateConfig`, `EvaluateConfig`, `DemoConfig`).
 
-CLI flags map onto these dataclasses: `x-llama train --preset cpu --model.dim 128 --train.max_minutes 25`.
+CLI flags map onto these dataclasses: `x-llama train --preset cpu --model.dim 128 --train.max_minutes 25`; the
+`train` section is the shared vocabulary of axon_shared.training.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from axon_shared import training as axon_training
 from axon_shared.config import AxonConfig, require, require_positive
 
 
@@ -94,55 +96,42 @@ class DataConfig(AxonConfig):
 
     dataset: str = "en-text"
     seq_len: int = 256
-    batch_size: int = 16
     tokenizer_chars: int = 8_000_000  # characters of training text the tokenizer is trained on
     max_train_chars: int | None = None  # cap the pretraining text (tiny runs); None = everything
     max_valid_chars: int | None = None
     tokenizer: str | None = None  # path to an existing tokenizer.model; None = train one into out_dir
 
     def validate(self) -> None:
-        require_positive(self, "seq_len", "batch_size", "tokenizer_chars")
+        require_positive(self, "seq_len", "tokenizer_chars")
+        for name in ("max_train_chars", "max_valid_chars"):
+            if getattr(self, name) is not None:
+                require(getattr(self, name) > 0, self, name, "must be > 0 characters (or null for the whole split)")
 
 
 @dataclass
-class OptimConfig(AxonConfig):
-    """Optimisation and loop control. Defaults follow Llama 2 section 2.2 where they apply."""
+class TrainSection(axon_training.TrainSection):
+    """The shared `train` vocabulary (axon_shared.training) with Llama 2's values (section 2.2): AdamW (0.9, 0.95),
+    eps 1e-5, weight decay 0.1 on matrices only, clipping 1.0, cosine decay to 10% of the peak after warm-up."""
 
     out_dir: str = "runs/x_llama/cpu"
+    steps: int = 10_000
+    batch_size: int = 16  # sequences of data.seq_len tokens per micro-batch
     lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decay to 10% of the peak
     warmup_steps: int = 200
-    beta1: float = 0.9
+    weight_decay: float = 0.1
     beta2: float = 0.95
     eps: float = 1e-5
-    weight_decay: float = 0.1  # on >= 2-D parameters only
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    max_steps: int = 10_000
-    max_minutes: float | None = None  # time budget; stops (and checkpoints) when reached
-    total_steps: int | None = None  # cosine length; None = max_steps
     eval_every: int = 200
-    eval_batches: int = 20
     checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    log_every: int = 10
     seed: int = 1234
-    device: str = "auto"
-    bf16: bool = False  # autocast matmuls to bfloat16
+    min_lr_ratio: float = 0.1  # cosine decay to 10% of the peak
+    eval_batches: int = 20  # fixed random windows of the valid split per evaluation
     activation_checkpointing: bool = False
-    fsdp: bool = False  # under torchrun: FSDP2 fully_shard instead of DDP
-    peak_tflops: float = 0.15  # MFU denominator (TFLOP/s of the hardware); ~0.1-0.19 on this 2-core CPU in fp32
-    progress: bool = True
-    threads: int = 0  # torch threads during training (restored afterwards); 0 = leave as is; env AXON_THREADS wins
 
     def validate(self) -> None:
-        require_positive(self, "lr", "grad_accum", "max_steps", "eval_every", "eval_batches", "checkpoint_every", "log_every", "peak_tflops")
-        require(self.warmup_steps >= 0, self, "warmup_steps", "must be >= 0")
+        super().validate()
+        require_positive(self, "eval_batches")
         require(0 <= self.min_lr_ratio <= 1, self, "min_lr_ratio", "must be in [0, 1]")
-        require(self.grad_clip >= 0, self, "grad_clip", "must be >= 0 (0 disables clipping)")
-        require(self.keep_checkpoints >= 1, self, "keep_checkpoints", "must be >= 1")
-        if self.max_minutes is not None:
-            require(self.max_minutes > 0, self, "max_minutes", "must be > 0 (or null for no time limit)")
 
 
 _TINY_MODEL = LlamaConfig.PRESETS["tiny"]
@@ -151,33 +140,39 @@ _CPU_MODEL = LlamaConfig.PRESETS["cpu"]
 
 @dataclass
 class TrainConfig(AxonConfig):
-    """`x-llama train`: model + data + optimisation. `model.vocab_size` is the tokenizer's vocabulary size."""
+    """`x-llama train`: model + data + training. `model.vocab_size` is the tokenizer's vocabulary size."""
 
     model: LlamaConfig = field(default_factory=lambda: LlamaConfig.from_preset("cpu"))
     data: DataConfig = field(default_factory=DataConfig)
-    train: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # The real CPU run (README "Results").
         "cpu": dict(
             model=_CPU_MODEL,
-            data=dict(seq_len=256, batch_size=16, tokenizer_chars=4_000_000),
-            train=dict(out_dir="runs/x_llama/cpu", lr=1.5e-3, warmup_steps=50, max_steps=380, eval_every=50, eval_batches=10, checkpoint_every=50),
+            data=dict(seq_len=256, tokenizer_chars=4_000_000),
+            train=dict(
+                out_dir="runs/x_llama/cpu", batch_size=16, lr=1.5e-3, warmup_steps=50, steps=380, eval_every=50, eval_batches=10,
+                checkpoint_every=50,
+            ),
         ),
         # Pretrains in well under a minute: unit tests, notebooks, and instructgpt_rlhf's tests.
         "tiny": dict(
             model=_TINY_MODEL,
-            data=dict(seq_len=64, batch_size=16, tokenizer_chars=600_000, max_train_chars=1_500_000, max_valid_chars=100_000),
+            data=dict(seq_len=64, tokenizer_chars=600_000, max_train_chars=1_500_000, max_valid_chars=100_000),
             train=dict(
-                out_dir="runs/x_llama/tiny", lr=3e-3, warmup_steps=20, max_steps=200, eval_every=100, eval_batches=5,
-                checkpoint_every=100, log_every=10, threads=1,
+                out_dir="runs/x_llama/tiny", batch_size=16, lr=3e-3, warmup_steps=20, steps=200, eval_every=100, eval_batches=5,
+                checkpoint_every=100, log_every=10,
             ),
         ),
         # `make demo` (<= 4 minutes).
         "demo": dict(
             model=dict(_CPU_MODEL, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=2048),
-            data=dict(seq_len=128, batch_size=16, tokenizer_chars=2_000_000, max_train_chars=6_000_000, max_valid_chars=300_000),
-            train=dict(out_dir="runs/demo/x_llama", lr=2e-3, warmup_steps=30, max_steps=320, max_minutes=3.0, eval_every=80, eval_batches=10, checkpoint_every=80),
+            data=dict(seq_len=128, tokenizer_chars=2_000_000, max_train_chars=6_000_000, max_valid_chars=300_000),
+            train=dict(
+                out_dir="runs/demo/x_llama", batch_size=16, lr=2e-3, warmup_steps=30, steps=320, max_minutes=3.0, eval_every=80,
+                eval_batches=10, checkpoint_every=80,
+            ),
         ),
     }
 

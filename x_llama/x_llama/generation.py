@@ -174,3 +174,41 @@ def stream_generate(
     """Yield the new tokens of one prompt as they are decoded (the EOS, if reached, is yielded last)."""
     for next_token, _ in _decode(model, [prompt], max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator):
         yield int(next_token[0])
+
+
+def generate_command(cfg) -> str:
+    """`x-llama generate`: stream a continuation of --prompt (or stdin) to stdout; returns the generated text."""
+    import sys
+
+    from axon_shared.cli import text_argument
+    from axon_shared.config import ConfigError
+
+    from .train import load_pretrained
+
+    model, tokenizer, _ = load_pretrained(cfg.checkpoint)
+    if tokenizer is None:
+        raise ConfigError(f"GenerateConfig.checkpoint={cfg.checkpoint!r}: no tokenizer.model next to it, so the prompt cannot be encoded")
+    prompt = text_argument(cfg.prompt, "prompt")
+    ids = tokenizer.encode(prompt.strip(), bos=True)
+    room = model.config.max_seq_len - len(ids)
+    if cfg.max_new_tokens > room:
+        raise ConfigError(
+            f"GenerateConfig.max_new_tokens={cfg.max_new_tokens}: the prompt has {len(ids)} tokens and the model's context is "
+            f"{model.config.max_seq_len}; lower --max_new_tokens to {room} or less" + ("" if room > 0 else " (shorten the prompt)")
+        )
+    generator = torch.Generator().manual_seed(cfg.seed)
+    prefix = tokenizer.decode(ids)
+    sys.stdout.write(prefix)
+    new: list[int] = []
+    shown = prefix
+    for token in stream_generate(
+        model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=tokenizer.eos_id,
+        use_cache=cfg.use_cache, generator=generator,
+    ):
+        new.append(token)
+        text = tokenizer.decode(ids + new)  # decode prompt + continuation: pieces join with the right spaces
+        sys.stdout.write(text[len(shown):])
+        sys.stdout.flush()
+        shown = text
+    sys.stdout.write("\n")
+    return shown[len(prefix):]

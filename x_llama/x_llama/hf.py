@@ -275,7 +275,7 @@ class XLlamaPreTrainedModel(PreTrainedModel):
         """The same initialisation as `Llama.reset_parameters`, module by module (HF initialises lazily)."""
         from transformers import initialization as init
 
-        from axon_shared.layers import RMSNorm
+        from .model import RMSNorm
 
         std = self.config.init_std
         if isinstance(module, nn.Linear):

@@ -15,12 +15,42 @@ import math
 
 import torch
 import torch.nn.functional as F
-from axon_shared.layers import RMSNorm, SwiGLU, attention
+from axon_shared.layers import attention
+from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
 from .rope import apply_rotary, interleaved_tables, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019): y = g * x / sqrt(mean(x^2) + eps), re-scaling without re-centring.
+    Normalised in float32 and cast back before the gain, as in Llama 2's reference code."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU(x) = W2 (silu(W1 x) * W3 x) (Shazeer 2020), bias-free as in Llama 2; Meta's names w1 (gate), w3 (up),
+    w2 (down)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class KVCache:
@@ -79,15 +109,14 @@ class Attention(nn.Module):
         self.wo.is_residual_projection = True  # initialised with a smaller std (Llama.reset_parameters)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool, cache: KVCache | None) -> Tensor:
-        batch, length, _ = x.shape
-        q = self.wq(x).view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-        k = self.wk(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, d)
-        v = self.wv(x).view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = rearrange(self.wq(x), "b t (h d) -> b h t d", h=self.n_heads)  # (B, H, T, d)
+        k = rearrange(self.wk(x), "b t (h d) -> b h t d", h=self.n_kv_heads)  # (B, H_kv, T, d)
+        v = rearrange(self.wv(x), "b t (h d) -> b h t d", h=self.n_kv_heads)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, H_kv, S, d), S = cached + T
         out = attention(q, k, v, mask, is_causal=is_causal)  # softmax(q k^T / sqrt(d)) v, grouped kv heads
-        return self.wo(out.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim))
+        return self.wo(rearrange(out, "b h t d -> b t (h d)"))
 
 
 class Block(nn.Module):

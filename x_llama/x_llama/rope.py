@@ -14,6 +14,7 @@ to the rows of W_q / W_k.
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 
@@ -80,19 +81,11 @@ def meta_to_half_permutation(head_dim: int) -> Tensor:
 
 
 def permute_for_half(weight: Tensor, n_heads: int) -> Tensor:
-    """Rows of W_q (n_heads) or W_k (n_kv_heads!) from the interleaved (Meta) to the half (HF) layout, per head.
-
-    Equivalent to the well-known w.view(h, d/2, 2, dim).transpose(1, 2).reshape(h*d, dim)."""
-    out_features, in_features = weight.shape
-    head_dim = out_features // n_heads
-    heads = weight.reshape(n_heads, head_dim, in_features)
-    return heads[:, meta_to_half_permutation(head_dim)].reshape(out_features, in_features)
+    """Rows of W_q (n_heads) or W_k (n_kv_heads!) from the interleaved (Meta) to the half (HF) layout, per head:
+    row 2j + c of a head (plane j, coordinate c) moves to row c * d/2 + j (`meta_to_half_permutation`)."""
+    return rearrange(weight, "(h half two) dim -> (h two half) dim", h=n_heads, two=2)
 
 
 def permute_for_interleaved(weight: Tensor, n_heads: int) -> Tensor:
     """Inverse of `permute_for_half`: rows of W_q / W_k from the HF layout back to Meta's."""
-    out_features, in_features = weight.shape
-    head_dim = out_features // n_heads
-    inverse = torch.argsort(meta_to_half_permutation(head_dim))
-    heads = weight.reshape(n_heads, head_dim, in_features)
-    return heads[:, inverse].reshape(out_features, in_features)
+    return rearrange(weight, "(h two half) dim -> (h half two) dim", h=n_heads, two=2)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .dataset import BuiltDataset, DatasetInfo, ImageSplit, TextSplit
+from .errors import DataSourceError
 from .registry import DATASETS
 from .sources import SourceFetcher
 from .storage import (
@@ -15,6 +16,7 @@ from .storage import (
     LICENSE_FILE,
     META_FILE,
     SPLITS,
+    damage,
     file_lock,
     is_complete,
     read_jsonl,
@@ -35,7 +37,7 @@ def dataset_info(name: str) -> DatasetInfo:
     try:
         return DATASETS[name]
     except KeyError:
-        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
+        raise DataSourceError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
 
 
 def list_datasets(root: PathLike | None = None) -> list[DatasetInfo]:
@@ -44,7 +46,7 @@ def list_datasets(root: PathLike | None = None) -> list[DatasetInfo]:
     listed = []
     for info in DATASETS.values():
         directory = base / info.name
-        prepared = is_complete(directory, info.kind)
+        prepared = is_complete(directory, info.kind) and damage(directory, info.kind) is None  # counts verified, not just read
         counts = read_meta(directory)["counts"] if prepared else None
         listed.append(dataclasses.replace(info, prepared=prepared, counts=counts))
     return listed
@@ -59,9 +61,12 @@ def prepare(name: str, root: PathLike | None = None, progress: bool = True) -> P
     info = dataset_info(name)
     base = resolve_root(root)
     directory = base / name
-    if is_complete(directory, info.kind):
+    if is_complete(directory, info.kind) and damage(directory, info.kind) is None:
         return directory
     with file_lock(base / "_locks" / f"{name}.lock"):
+        if is_complete(directory, info.kind) and (problem := damage(directory, info.kind)) is not None:
+            print(f"{name}: {problem}; rebuilding it", flush=True)
+            (directory / META_FILE).unlink()
         if not is_complete(directory, info.kind):
             (directory / META_FILE).unlink(missing_ok=True)
             for leftover in directory.glob(".*.tmp"):  # temp files of a build that was killed
@@ -77,9 +82,9 @@ def load_split(name: str, split: str, root: PathLike | None = None) -> TextSplit
     Prepares the dataset first if needed.
     """
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise DataSourceError(f"split must be one of {SPLITS}, got {split!r}")
     info = dataset_info(name)
-    path = split_path(prepare(name, root), split, info.kind)
+    path = split_path(prepare(name, root), split, info.kind)  # prepare() rebuilds a dataset whose counts are off
     return read_jsonl(path) if info.kind == "text" else read_npz(path)
 
 

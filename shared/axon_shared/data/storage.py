@@ -103,6 +103,32 @@ def read_meta(directory: Path) -> dict[str, Any] | None:
     return meta if meta.get("format_version") == FORMAT_VERSION else None
 
 
+def count_records(path: Path, kind: str) -> int | None:
+    """Records actually in a split file (lines of a .jsonl, labels of a .npz), or None if it cannot be read."""
+    try:
+        if kind == "text":
+            data = path.read_bytes()
+            return data.count(b"\n") + (0 if not data or data.endswith(b"\n") else 1)
+        with np.load(path, allow_pickle=False) as arrays:
+            return int(arrays["labels"].shape[0]) if arrays["images"].shape[0] == arrays["labels"].shape[0] else None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
+def damage(directory: Path, kind: str) -> str | None:
+    """Why a prepared dataset cannot be trusted (a split file cut short, edited or missing), or None if its
+    files hold the record counts meta.json recorded when they were written."""
+    meta = read_meta(directory)
+    if meta is None:
+        return "meta.json is missing or unreadable"
+    for split in SPLITS:
+        path = split_path(directory, split, kind)
+        found, expected = count_records(path, kind), meta["counts"][split]
+        if found != expected:
+            return f"{path.name} holds {'no readable' if found is None else found} records, meta.json recorded {expected}"
+    return None
+
+
 def is_complete(directory: Path, kind: str) -> bool:
     """True if meta.json (the completion marker) and every split file are present."""
     if read_meta(directory) is None:

@@ -1,0 +1,75 @@
+"""The one training loop changed no numerics: each package's `tiny` training losses (20 optimizer steps, PPO 5
+iterations, one thread, fixed seeds) equal, bit for bit, the values recorded with the code before the refactor
+(tests/regression/tiny_losses.json, commit 1c5687b). A reordered accumulation, a lost or extra random draw, an lr
+off by one step or a changed batch all show up here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from axon_shared.metrics import read_metrics
+
+RECORDED = json.loads((Path(__file__).parent / "regression" / "tiny_losses.json").read_text())["losses"]
+QUIET = dict(log_every=1, eval_every=1000, checkpoint_every=1000, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def losses(run: Path, key: str = "train/loss") -> list[float]:
+    return [row[key] for row in read_metrics(run / "metrics.jsonl") if key in row]
+
+
+@pytest.fixture(scope="module")
+def x_llama_run(tmp_path_factory) -> Path:
+    from x_llama.config import TrainConfig
+    from x_llama.train import train
+
+    torch.set_num_threads(1)
+    return train(TrainConfig.from_preset("tiny", train=dict(out_dir=str(tmp_path_factory.mktemp("x_llama")), steps=20, **QUIET)))
+
+
+def test_x_llama(x_llama_run):
+    assert losses(x_llama_run) == RECORDED["x_llama"]
+
+
+def test_transformer(tmp_path):
+    from transformer.config import TrainConfig
+    from transformer.train import train
+
+    train(TrainConfig.from_preset("tiny", train=dict(out_dir=str(tmp_path), steps=20, **QUIET)))
+    assert losses(tmp_path) == RECORDED["transformer"]
+
+
+def test_dali_ddpm(tmp_path):
+    from dali_ddpm.config import DDPMConfig
+    from dali_ddpm.train import train
+
+    train(DDPMConfig.from_preset("tiny", train=dict(out_dir=str(tmp_path), steps=20, sample_every=1000, **QUIET)))
+    assert losses(tmp_path) == RECORDED["dali_ddpm"]
+
+
+def test_instructgpt_rlhf_stages(x_llama_run, tmp_path):
+    from instructgpt_rlhf.config import DPOConfig, PPOConfig, RewardConfig, SFTConfig
+    from instructgpt_rlhf.dpo import run_dpo
+    from instructgpt_rlhf.ppo import run_ppo
+    from instructgpt_rlhf.reward import run_reward
+    from instructgpt_rlhf.sft import run_sft
+
+    sft, rm, dpo, ppo = (tmp_path / name for name in ("sft", "rm", "dpo", "ppo"))
+    run_sft(SFTConfig.from_preset("tiny", pretrained=str(x_llama_run), train=dict(out_dir=str(sft), steps=20, **QUIET)))
+    run_reward(RewardConfig.from_preset("tiny", sft=str(sft), train=dict(out_dir=str(rm), steps=20, **QUIET)))
+    run_dpo(DPOConfig.from_preset("tiny", sft=str(sft), preferences=str(rm), train=dict(out_dir=str(dpo), steps=20, **QUIET)))
+    run_ppo(PPOConfig.from_preset("tiny", sft=str(sft), reward_model=str(rm), train=dict(out_dir=str(ppo), steps=5, **QUIET)))
+    assert losses(sft) == RECORDED["sft"]
+    assert losses(rm) == RECORDED["reward"]
+    assert losses(dpo) == RECORDED["dpo"]
+    assert losses(ppo, "train/pg_loss") == RECORDED["ppo"]
