@@ -34,7 +34,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: data
+test: data lint
 	$(VENV)/bin/pytest -q
 
 demo: data

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
+from axon_shared.training import count_parameters
 from dali_ddpm.config import UNetConfig
 from dali_ddpm.convert import diffusers_unet_kwargs, to_diffusers_state_dict
 from dali_ddpm.diffusion import GaussianDiffusion, beta_schedule
-from axon_shared.training import count_parameters
 from dali_ddpm.model import UNet
 
 
@@ -78,7 +78,10 @@ def bench(preset: str, train_batch: int, sample_batch: int, reps: int) -> list[t
     with torch.no_grad():
         assert torch.allclose(ours(xs[:2], ts[:2]), theirs(xs[:2], ts[:2]).sample, atol=1e-4), "outputs differ: not the same model"
     rows = []
-    for name, a, b, batch in [("train step", train_ours, train_theirs, train_batch), ("sampling step", sample_ours, sample_theirs, sample_batch)]:
+    for name, a, b, batch in [
+        ("train step", train_ours, train_theirs, train_batch),
+        ("sampling step", sample_ours, sample_theirs, sample_batch),
+    ]:
         a(), b()  # warm-up
         ta, tb = [], []
         for _ in range(reps):

@@ -48,15 +48,15 @@ def main() -> None:
 
     import datasets
     from trl import DPOConfig, DPOTrainer
-    from x_llama import Llama, LlamaConfig
-    from x_llama.hf import XLlamaForCausalLM
 
+    from instructgpt_rlhf import ppo as ppo_module
     from instructgpt_rlhf.config import PPOConfig, PPOTrain, SamplingConfig
     from instructgpt_rlhf.dpo import pair_logprobs
     from instructgpt_rlhf.losses import AdaptiveKLController, dpo_loss
     from instructgpt_rlhf.model import ScalarHeadModel
     from instructgpt_rlhf.ppo import ppo_iteration
-    from instructgpt_rlhf import ppo as ppo_module
+    from x_llama import Llama, LlamaConfig
+    from x_llama.hf import XLlamaForCausalLM
 
     quick = args.quick
     if quick:
@@ -73,16 +73,26 @@ def main() -> None:
     def words(n):
         return " ".join(f"w{int(i)}" for i in torch.randint(4, V, (n,), generator=g))
 
-    data = [{"prompt": words(int(torch.randint(2, 9, (1,), generator=g))), "chosen": " " + words(int(torch.randint(8, 25, (1,), generator=g))),
-             "rejected": " " + words(int(torch.randint(8, 25, (1,), generator=g)))} for _ in range(pairs_n)]
+    data = [
+        {
+            "prompt": words(int(torch.randint(2, 9, (1,), generator=g))),
+            "chosen": " " + words(int(torch.randint(8, 25, (1,), generator=g))),
+            "rejected": " " + words(int(torch.randint(8, 25, (1,), generator=g))),
+        }
+        for _ in range(pairs_n)
+    ]
     rows = []
 
     # ---- 1. DPO step ------------------------------------------------------------------------------------------
     tok = word_tokenizer(V)
     trl_policy = XLlamaForCausalLM.from_llama(copy.deepcopy(policy), eos_token_id=2, bos_token_id=1, pad_token_id=3)
     trl_ref = XLlamaForCausalLM.from_llama(copy.deepcopy(policy), eos_token_id=2, bos_token_id=1, pad_token_id=3)
-    dpo_args = DPOConfig(output_dir="/tmp/instructgpt_rlhf_bench", bf16=False, use_cpu=True, report_to="none", per_device_train_batch_size=pairs_n, beta=0.1)
-    trainer = DPOTrainer(model=trl_policy, ref_model=trl_ref, args=dpo_args, train_dataset=datasets.Dataset.from_list(data), processing_class=tok)
+    dpo_args = DPOConfig(
+        output_dir="/tmp/instructgpt_rlhf_bench", bf16=False, use_cpu=True, report_to="none", per_device_train_batch_size=pairs_n, beta=0.1
+    )
+    trainer = DPOTrainer(
+        model=trl_policy, ref_model=trl_ref, args=dpo_args, train_dataset=datasets.Dataset.from_list(data), processing_class=tok
+    )
     examples = [trainer.train_dataset[i] for i in range(pairs_n)]
     batch = trainer.data_collator(examples)
     n_tokens = int(batch["attention_mask"].sum())
@@ -121,9 +131,18 @@ def main() -> None:
 
         ids, mask = left_pad(model_prompts, pad_id=0)
         with torch.no_grad():
-            out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-        return [row.tolist() for row in out[:, ids.shape[1]:]]
+            out = hf.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+            )
+        return [row.tolist() for row in out[:, ids.shape[1] :]]
 
     def ours_rollout(model_prompts):
         from x_llama import generate
@@ -166,7 +185,9 @@ def main() -> None:
     rows.append(("PPO iteration (iterations/s)", 1 / t_iter_ours, 1 / t_iter_hf))
 
     threads = torch.get_num_threads()
-    print(f"instructgpt_rlhf benchmark: x_llama dim={config.dim} layers={config.n_layers} vocab={V}, {threads} thread(s){' (quick)' if quick else ''}")
+    print(
+        f"instructgpt_rlhf benchmark: x_llama dim={config.dim} layers={config.n_layers} vocab={V}, {threads} thread(s){' (quick)' if quick else ''}"
+    )
     print(f"{'measure':<36} {'ours':>12} {'reference':>12} {'ours/ref':>9}   reference")
     refs = ["trl 1.16 DPOTrainer.compute_loss", "transformers generate() (HF wrapper)", "same update, HF generate() rollout"]
     for (name, ours, theirs), ref_name in zip(rows, refs):

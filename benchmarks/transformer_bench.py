@@ -23,11 +23,27 @@ from transformer import Transformer, TransformerConfig, beam_search, label_smoot
 def marian_like(cfg: TransformerConfig) -> MarianMTModel:
     """Marian (post-norm, sinusoidal positions, scaled tied embeddings, ReLU) with our dimensions."""
     config = MarianConfig(
-        vocab_size=cfg.vocab_size, d_model=cfg.d_model, encoder_layers=cfg.n_encoder_layers, decoder_layers=cfg.n_decoder_layers,
-        encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads, encoder_ffn_dim=cfg.d_ff, decoder_ffn_dim=cfg.d_ff,
-        activation_function="relu", dropout=cfg.dropout, attention_dropout=0.0, activation_dropout=0.0, max_position_embeddings=cfg.max_len,
-        scale_embedding=True, pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id, forced_eos_token_id=None, decoder_start_token_id=cfg.bos_id,
-        bos_token_id=cfg.bos_id, share_encoder_decoder_embeddings=True, tie_word_embeddings=True,
+        vocab_size=cfg.vocab_size,
+        d_model=cfg.d_model,
+        encoder_layers=cfg.n_encoder_layers,
+        decoder_layers=cfg.n_decoder_layers,
+        encoder_attention_heads=cfg.n_heads,
+        decoder_attention_heads=cfg.n_heads,
+        encoder_ffn_dim=cfg.d_ff,
+        decoder_ffn_dim=cfg.d_ff,
+        activation_function="relu",
+        dropout=cfg.dropout,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        max_position_embeddings=cfg.max_len,
+        scale_embedding=True,
+        pad_token_id=cfg.pad_id,
+        eos_token_id=cfg.eos_id,
+        forced_eos_token_id=None,
+        decoder_start_token_id=cfg.bos_id,
+        bos_token_id=cfg.bos_id,
+        share_encoder_decoder_embeddings=True,
+        tie_word_embeddings=True,
     )
     config._attn_implementation = "sdpa"
     return MarianMTModel(config)
@@ -75,9 +91,11 @@ def main() -> None:
     ours, theirs = Transformer(cfg), marian_like(cfg)
     src, tgt_in, tgt_out = make_batch(cfg, batch, length)
     n_tokens = int((tgt_out != cfg.pad_id).sum())
-    print(f"config: {args.preset if not args.quick else 'tiny'} d_model={cfg.d_model} layers={cfg.n_encoder_layers}+{cfg.n_decoder_layers} "
-          f"vocab={cfg.vocab_size}; params ours {sum(p.numel() for p in ours.parameters()):,} / Marian "
-          f"{sum(p.numel() for p in theirs.parameters()):,}; torch threads {torch.get_num_threads()}")
+    print(
+        f"config: {args.preset if not args.quick else 'tiny'} d_model={cfg.d_model} layers={cfg.n_encoder_layers}+{cfg.n_decoder_layers} "
+        f"vocab={cfg.vocab_size}; params ours {sum(p.numel() for p in ours.parameters()):,} / Marian "
+        f"{sum(p.numel() for p in theirs.parameters()):,}; torch threads {torch.get_num_threads()}"
+    )
 
     # ---- training: same batch, same loss function on the logits, Adam step -------------------------------------
     def train_step(model, forward):
@@ -94,8 +112,12 @@ def main() -> None:
     ours.train(), theirs.train()
     src_mask = (src != cfg.pad_id).long()
     t_ours, t_theirs = interleaved_times(
-        [train_step(ours, lambda: ours(src, tgt_in)),
-         train_step(theirs, lambda: theirs(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt_in).logits)], steps)
+        [
+            train_step(ours, lambda: ours(src, tgt_in)),
+            train_step(theirs, lambda: theirs(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt_in).logits),
+        ],
+        steps,
+    )
     rows = [("training tokens/s", n_tokens / t_ours, n_tokens / t_theirs)]
 
     # ---- beam-4 decoding: fixed output length (eos banned before out_len tokens in both) ---------------------------
@@ -117,8 +139,10 @@ def main() -> None:
     theirs_len = (outputs["theirs"][:, 1:] != cfg.pad_id).sum(1).float().mean().item()
     rows.append(("beam-4 sentences/s", n_sentences / t_ours, n_sentences / t_theirs))
 
-    print(f"training batch: {batch} sentences, {n_tokens} target tokens; decoding: {n_sentences} sentences; medians of {steps} / {decode_rounds} interleaved repetitions; "
-          f"mean output tokens ours {ours_len:.1f} (+ eos) / Marian {theirs_len:.1f} (incl. eos)")
+    print(
+        f"training batch: {batch} sentences, {n_tokens} target tokens; decoding: {n_sentences} sentences; medians of {steps} / {decode_rounds} interleaved repetitions; "
+        f"mean output tokens ours {ours_len:.1f} (+ eos) / Marian {theirs_len:.1f} (incl. eos)"
+    )
     print(f"{'metric':<22}{'ours':>12}{'Marian':>12}{'ours/theirs':>14}")
     for name, a, b in rows:
         print(f"{name:<22}{a:>12.1f}{b:>12.1f}{a / b:>14.2f}")

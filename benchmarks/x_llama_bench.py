@@ -81,8 +81,10 @@ def compare_runs(run_dirs: list[str]) -> None:
     from x_llama import load_pretrained
     from x_llama.config import TrainConfig
 
-    print(f"{'run':<22}{'kv heads':>9}{'params':>10}{'steps':>7}{'train PFLOP':>12}{'minutes':>9}{'val ppl':>9}"
-          f"{'KV MiB (B=8, T=256)':>21}{'decode tok/s (B=8)':>20}")
+    print(
+        f"{'run':<22}{'kv heads':>9}{'params':>10}{'steps':>7}{'train PFLOP':>12}{'minutes':>9}{'val ppl':>9}"
+        f"{'KV MiB (B=8, T=256)':>21}{'decode tok/s (B=8)':>20}"
+    )
     for run in run_dirs:
         run = Path(run)
         cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
@@ -91,16 +93,20 @@ def compare_runs(run_dirs: list[str]) -> None:
         ppl = [r for r in rows if "valid/ppl" in r][-1]["valid/ppl"]
         flops = last["tokens"] * training_flops_per_token(cfg.model, cfg.data.seq_len)
         model, tokenizer, config = load_pretrained(run)
-        prompts = [tokenizer.encode(p, bos=True) for p in ("In the beginning", "And the LORD said", "To be", "She was",
-                                                           "The king", "My lord", "It is", "And it came to pass")]
+        prompts = [
+            tokenizer.encode(p, bos=True)
+            for p in ("In the beginning", "And the LORD said", "To be", "She was", "The king", "My lord", "It is", "And it came to pass")
+        ]
         new = min(128, config.max_seq_len - max(len(p) for p in prompts))
         generate(model, prompts, 8)
         start = time.perf_counter()
         generate(model, prompts, new)
         speed = len(prompts) * new / (time.perf_counter() - start)
         cache_mib = model.new_cache(8, min(256, config.max_seq_len)).nbytes * 256 / min(256, config.max_seq_len) / 2**20
-        print(f"{run.name:<22}{config.kv_heads:>9}{config.num_parameters() / 1e6:>9.2f}M{last['step']:>7}{flops / 1e15:>12.3f}"
-              f"{last['time'] / 60:>9.1f}{ppl:>9.2f}{cache_mib:>21.2f}{speed:>20.1f}")
+        print(
+            f"{run.name:<22}{config.kv_heads:>9}{config.num_parameters() / 1e6:>9.2f}M{last['step']:>7}{flops / 1e15:>12.3f}"
+            f"{last['time'] / 60:>9.1f}{ppl:>9.2f}{cache_mib:>21.2f}{speed:>20.1f}"
+        )
 
 
 def main() -> None:
@@ -125,9 +131,11 @@ def main() -> None:
     batch, seq = (4, 128) if quick else (8, 256)
     tokens = torch.randint(3, config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
 
-    print(f"x_llama benchmark: torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{torch.get_num_threads()} thread(s); model {config.num_parameters() / 1e6:.2f}M params "
-          f"(dim {config.dim}, {config.n_layers} layers, {config.n_heads}/{config.kv_heads} q/kv heads, vocab {config.vocab_size})")
+    print(
+        f"x_llama benchmark: torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} thread(s); model {config.num_parameters() / 1e6:.2f}M params "
+        f"(dim {config.dim}, {config.n_layers} layers, {config.n_heads}/{config.kv_heads} q/kv heads, vocab {config.vocab_size})"
+    )
     peak = matmul_peak(512 if quick else 1024)
     print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
     rows = []
@@ -187,7 +195,7 @@ def main() -> None:
         variant = Llama(config.replace(n_kv_heads=kv)).eval()
         cache_mib = variant.new_cache(8, 1024).nbytes / 2**20
         prompts = [tokens[i % batch, :192].tolist() for i in range(decode_batch)]
-        seconds = timed(lambda: generate(variant, prompts, decode_new), 1)
+        seconds = timed(lambda variant=variant, prompts=prompts: generate(variant, prompts, decode_new), 1)
         label = {config.n_heads: "MHA", 1: "MQA"}.get(kv, "GQA")
         print(f"{f'{kv} ({label})':<12}{cache_mib:>32.1f}{decode_batch * decode_new / seconds:>24.1f}")
 

@@ -28,7 +28,9 @@ PACKAGES = {folder: name for folder, (name, _) in PROJECTS.items()}
 DIST_OF_IMPORT = {name: dist for name, dist in PROJECTS.values()}
 # paper packages build on axon_shared only; the exceptions are listed here (instructgpt_rlhf aligns x_llama models)
 EXTRA_SIBLINGS = {"instructgpt_rlhf": {"x_llama"}}
-ALLOWED_SIBLINGS = {folder: set() if name == "axon_shared" else {"axon_shared"} | EXTRA_SIBLINGS.get(folder, set()) for folder, name in PACKAGES.items()}
+ALLOWED_SIBLINGS = {
+    folder: set() if name == "axon_shared" else {"axon_shared"} | EXTRA_SIBLINGS.get(folder, set()) for folder, name in PACKAGES.items()
+}
 
 
 def test_every_paper_package_has_the_same_shape():
@@ -71,7 +73,9 @@ def top_level_imports(package_dir: Path) -> dict[str, bool]:
 def declared(project_dir: Path) -> tuple[set[str], set[str]]:
     project = tomllib.loads((project_dir / "pyproject.toml").read_text())["project"]
     required = {normalise(re.split(r"[<>=!~\[ ;@]", d, maxsplit=1)[0]) for d in project.get("dependencies", [])}
-    optional = {normalise(re.split(r"[<>=!~\[ ;@]", d, maxsplit=1)[0]) for ds in project.get("optional-dependencies", {}).values() for d in ds}
+    optional = {
+        normalise(re.split(r"[<>=!~\[ ;@]", d, maxsplit=1)[0]) for ds in project.get("optional-dependencies", {}).values() for d in ds
+    }
     return required, optional
 
 

@@ -10,18 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from axon_shared.metrics import read_metrics
 
 RECORDED = json.loads((Path(__file__).parent / "regression" / "tiny_losses.json").read_text())["losses"]
 QUIET = dict(log_every=1, eval_every=1000, checkpoint_every=1000, progress=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def losses(run: Path, key: str = "train/loss") -> list[float]:
@@ -33,8 +26,12 @@ def x_llama_run(tmp_path_factory) -> Path:
     from x_llama.config import TrainConfig
     from x_llama.train import train
 
-    torch.set_num_threads(1)
-    return train(TrainConfig.from_preset("tiny", train=dict(out_dir=str(tmp_path_factory.mktemp("x_llama")), steps=20, **QUIET)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # module-scoped: set up before the per-test one_thread fixture runs
+    try:
+        return train(TrainConfig.from_preset("tiny", train=dict(out_dir=str(tmp_path_factory.mktemp("x_llama")), steps=20, **QUIET)))
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_x_llama(x_llama_run):

@@ -44,7 +44,9 @@ class UNetConfig(AxonConfig):
         require(len(self.ch_mult) >= 1 and all(m > 0 for m in self.ch_mult), self, "ch_mult", "needs >= 1 positive multiplier")
         require(0.0 <= self.dropout < 1.0, self, "dropout", "must be in [0, 1)")
         levels = len(self.ch_mult)
-        require(self.image_size % 2 ** (levels - 1) == 0, self, "image_size", f"must be divisible by 2^(len(ch_mult)-1) = {2 ** (levels - 1)}")
+        require(
+            self.image_size % 2 ** (levels - 1) == 0, self, "image_size", f"must be divisible by 2^(len(ch_mult)-1) = {2 ** (levels - 1)}"
+        )
         widths = [self.ch * m for m in self.ch_mult]
         require(all(w % self.num_groups == 0 for w in widths), self, "num_groups", f"must divide every level's width {widths}")
         sizes = [self.image_size // 2**i for i in range(levels)]
@@ -128,15 +130,40 @@ class DDPMConfig(AxonConfig):
         "cpu": dict(
             model=UNetConfig.PRESETS["cpu"],
             data=dict(random_flip=False),
-            train=dict(batch_size=64, lr=5e-4, warmup_steps=100, ema_decay=0.9995, ema_warmup=True, bf16=True, steps=100_000, max_minutes=30.0,
-                       log_every=25, eval_every=250, sample_every=1000, checkpoint_every=500, out_dir="runs/dali_ddpm/cpu"),
+            train=dict(
+                batch_size=64,
+                lr=5e-4,
+                warmup_steps=100,
+                ema_decay=0.9995,
+                ema_warmup=True,
+                bf16=True,
+                steps=100_000,
+                max_minutes=30.0,
+                log_every=25,
+                eval_every=250,
+                sample_every=1000,
+                checkpoint_every=500,
+                out_dir="runs/dali_ddpm/cpu",
+            ),
         ),
         "tiny": dict(
             model=UNetConfig.PRESETS["tiny"],
             diffusion=dict(timesteps=100, beta_end=0.2),
             data=dict(dataset="digits", random_flip=False),
-            train=dict(batch_size=16, warmup_steps=10, ema_decay=0.9, steps=20, log_every=5, eval_every=10, eval_size=32, sample_every=10,
-                       sample_steps=5, sample_n=16, checkpoint_every=10, out_dir="runs/dali_ddpm/tiny"),
+            train=dict(
+                batch_size=16,
+                warmup_steps=10,
+                ema_decay=0.9,
+                steps=20,
+                log_every=5,
+                eval_every=10,
+                eval_size=32,
+                sample_every=10,
+                sample_steps=5,
+                sample_n=16,
+                checkpoint_every=10,
+                out_dir="runs/dali_ddpm/tiny",
+            ),
         ),
     }
 
@@ -160,7 +187,12 @@ class SampleConfig(AxonConfig):
 
     def validate(self) -> None:
         require_choice(self, "sampler", ("ddpm", "ddim"))
-        require(self.steps is None or self.sampler == "ddim", self, "steps", "applies to the ddim sampler only (ddpm takes all T steps); add --sampler ddim")
+        require(
+            self.steps is None or self.sampler == "ddim",
+            self,
+            "steps",
+            "applies to the ddim sampler only (ddpm takes all T steps); add --sampler ddim",
+        )
         require(self.steps is None or self.steps > 0, self, "steps", "must be > 0")
         require_positive(self, "n", "batch_size")
         require(self.eta >= 0, self, "eta", "must be >= 0")

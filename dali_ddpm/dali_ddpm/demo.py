@@ -20,12 +20,33 @@ def demo(cfg: DemoConfig) -> dict:
     run_cfg = DDPMConfig.from_preset(
         "cpu",
         # a run of ~50-100 steps: short warm-up, and an EMA short enough to follow it (see README, "Results")
-        train=dict(out_dir=str(out / "run"), max_minutes=cfg.max_minutes, seed=cfg.seed, warmup_steps=10, ema_decay=0.9, eval_every=20,
-                   log_every=10, eval_size=256, sample_every=10**9, checkpoint_every=10**9, sample_n=16),
+        train=dict(
+            out_dir=str(out / "run"),
+            max_minutes=cfg.max_minutes,
+            seed=cfg.seed,
+            warmup_steps=10,
+            ema_decay=0.9,
+            eval_every=20,
+            log_every=10,
+            eval_size=256,
+            sample_every=10**9,
+            checkpoint_every=10**9,
+            sample_n=16,
+        ),
     )
     trained = train(run_cfg)
-    evaluated = evaluate(EvaluateConfig(run_dir=str(out / "run"), samplers=("ddim",), ddim_steps=50, n_samples=cfg.n_samples,
-                                        batch_size=cfg.n_samples, bpd_images=16, bpd_timesteps=20, seed=cfg.seed))
+    evaluated = evaluate(
+        EvaluateConfig(
+            run_dir=str(out / "run"),
+            samplers=("ddim",),
+            ddim_steps=50,
+            n_samples=cfg.n_samples,
+            batch_size=cfg.n_samples,
+            bpd_images=16,
+            bpd_timesteps=20,
+            seed=cfg.seed,
+        )
+    )
     name = out.name  # image links are relative to the parent (runs/demo)
     plot_metrics(out / "run" / "metrics.jsonl", out / "loss.png", ["train/loss", "valid/loss_ema"], log_y=["train/loss", "valid/loss_ema"])
     (out / "samples.png").write_bytes((out / "run" / "eval_samples_ddim50.png").read_bytes())

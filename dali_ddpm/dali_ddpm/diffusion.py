@@ -20,7 +20,9 @@ from .config import DiffusionConfig
 ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, C, H, W), t (B,)) -> model output (B, C, H, W)
 
 
-def beta_schedule(kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, *, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+def beta_schedule(
+    kind: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02, *, s: float = 0.008, max_beta: float = 0.999
+) -> Tensor:
     """(T,) float64 betas.
 
     - "linear": beta_t linear from beta_start to beta_end (Ho et al., section 4: 1e-4 .. 0.02, T = 1000).
@@ -127,8 +129,14 @@ class GaussianDiffusion(nn.Module):
     @classmethod
     def from_config(cls, config: DiffusionConfig) -> GaussianDiffusion:
         betas = beta_schedule(config.schedule, config.timesteps, config.beta_start, config.beta_end)
-        return cls(betas, variance=config.variance, clip_denoised=config.clip_denoised, prediction=config.prediction,
-                   loss=config.loss, vlb_weight=config.vlb_weight)
+        return cls(
+            betas,
+            variance=config.variance,
+            clip_denoised=config.clip_denoised,
+            prediction=config.prediction,
+            loss=config.loss,
+            vlb_weight=config.vlb_weight,
+        )
 
     # ---- helpers ------------------------------------------------------------------------------------------------
     def _check(self, x: Tensor, t: Tensor) -> None:
@@ -243,8 +251,16 @@ class GaussianDiffusion(nn.Module):
         return x, trajectory
 
     # ---- DDIM (Song et al. 2021) -------------------------------------------------------------------------------
-    def ddim_step(self, model_output: Tensor, x_t: Tensor, t: Tensor, t_prev: Tensor, eta: float, noise: Tensor | None = None,
-                  clip_denoised: bool | None = None) -> Tensor:
+    def ddim_step(
+        self,
+        model_output: Tensor,
+        x_t: Tensor,
+        t: Tensor,
+        t_prev: Tensor,
+        eta: float,
+        noise: Tensor | None = None,
+        clip_denoised: bool | None = None,
+    ) -> Tensor:
         """x_{t'} = sqrt(abar_{t'}) x0_hat + sqrt(1 - abar_{t'} - sigma^2) eps_hat + sigma z  (Song et al., eq. 12),
         sigma = eta sqrt((1 - abar_{t'}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t'}); t' = -1 means abar = 1.
 
@@ -316,7 +332,9 @@ class GaussianDiffusion(nn.Module):
         mean, _, log_var = self.q_mean_variance(x0, t)
         return _mean_flat(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) / math.log(2.0)
 
-    def training_loss(self, model: ModelFn, x0: Tensor, t: Tensor | None = None, noise: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def training_loss(
+        self, model: ModelFn, x0: Tensor, t: Tensor | None = None, noise: Tensor | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """Algorithm 1: t ~ U{1..T}, eps ~ N(0, I), L_simple = || eps - eps_theta(x_t, t) ||^2  (eq. 14).
 
         loss="hybrid" adds vlb_weight * T * L_t (bits/dim), an unbiased one-sample estimate of
@@ -337,8 +355,9 @@ class GaussianDiffusion(nn.Module):
         return loss.mean(), terms
 
     @torch.no_grad()
-    def bits_per_dim(self, model: ModelFn, x0: Tensor, *, n_timesteps: int | None = None, exact_head: int = 20,
-                     generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def bits_per_dim(
+        self, model: ModelFn, x0: Tensor, *, n_timesteps: int | None = None, exact_head: int = 20, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
         """The negative VLB, -log p(x0) <= L_T + sum_{t>1} L_{t-1} + L_0, in bits per dimension (paper Table 2), per image.
 
         n_timesteps=None (or >= T - 1) sums every term exactly (T network calls per image). Otherwise the KL terms

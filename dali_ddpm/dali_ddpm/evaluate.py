@@ -29,8 +29,14 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     run_cfg, model, diffusion, step = load_run(run_dir, cfg.checkpoint, use_ema=cfg.use_ema, device=device)
     tag = "" if cfg.use_ema else "_raw"
     dataset, size, channels = run_cfg.data.dataset, run_cfg.model.image_size, run_cfg.model.in_channels
-    result: dict = {"run_dir": str(run_dir), "step": step, "dataset": dataset, "n_samples": cfg.n_samples, "threads": torch.get_num_threads(),
-                    "weights": "ema" if cfg.use_ema else "raw"}
+    result: dict = {
+        "run_dir": str(run_dir),
+        "step": step,
+        "dataset": dataset,
+        "n_samples": cfg.n_samples,
+        "threads": torch.get_num_threads(),
+        "weights": "ema" if cfg.use_ema else "raw",
+    }
 
     start = time.time()
     classifier, accuracy = get_classifier(dataset, size, channels, epochs=cfg.classifier_epochs, seed=cfg.seed, device=device)
@@ -59,8 +65,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         n_steps = diffusion.num_timesteps if sampler == "ddpm" else cfg.ddim_steps
         name = "ddpm" if sampler == "ddpm" else f"ddim{n_steps}"
         n = cfg.ddpm_samples if sampler == "ddpm" and cfg.ddpm_samples else cfg.n_samples
-        x, _, seconds = draw(model, diffusion, n, sampler=sampler, steps=n_steps, batch_size=cfg.batch_size, seed=cfg.seed,
-                             device=device, progress=True)
+        x, _, seconds = draw(
+            model, diffusion, n, sampler=sampler, steps=n_steps, batch_size=cfg.batch_size, seed=cfg.seed, device=device, progress=True
+        )
         save_grid(x[:64], run_dir / f"eval_samples_{name}{tag}.png")
         result[name] = {
             "steps": n_steps,
@@ -86,7 +93,9 @@ def evaluate(cfg: EvaluateConfig) -> dict:
         "decoder": round(terms["decoder"].mean().item(), 4),
         "kl_sum": round(terms["kl"].mean().item(), 4),
         "n_images": cfg.bpd_images,
-        "timesteps": f"{min(cfg.bpd_timesteps, diffusion.num_timesteps)} stratified + 20 exact" if cfg.bpd_timesteps < diffusion.num_timesteps - 21 else "all",
+        "timesteps": f"{min(cfg.bpd_timesteps, diffusion.num_timesteps)} stratified + 20 exact"
+        if cfg.bpd_timesteps < diffusion.num_timesteps - 21
+        else "all",
         "seconds": round(time.time() - start, 1),
     }
     if dataset in ("fashion-mnist", "mnist-5k") and size == 32:

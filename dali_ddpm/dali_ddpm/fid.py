@@ -45,8 +45,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AXON_DATA") or Path.home() / ".cache" / "axon") / "dali_ddpm"
 
 
-def get_classifier(dataset: str, image_size: int, channels: int = 1, *, epochs: int = 2, seed: int = 0, device="cpu",
-                   verbose: bool = True) -> tuple[FeatureClassifier, float]:
+def get_classifier(
+    dataset: str, image_size: int, channels: int = 1, *, epochs: int = 2, seed: int = 0, device="cpu", verbose: bool = True
+) -> tuple[FeatureClassifier, float]:
     """The FID-C classifier for a dataset, trained once and cached under the Axon cache (never in the repo).
     Returns (classifier in eval mode, test accuracy)."""
     path = cache_dir() / f"fidc_{dataset}_{image_size}px_{channels}ch_e{epochs}_s{seed}.safetensors"
@@ -63,7 +64,7 @@ def get_classifier(dataset: str, image_size: int, channels: int = 1, *, epochs: 
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
     epochs = max(epochs, -(-300 * 128 // images.shape[0]))  # at least ~300 steps on small datasets
-    for epoch in range(epochs):
+    for _ in range(epochs):
         order = torch.randperm(images.shape[0], generator=generator)
         for i in range(0, images.shape[0], 128):
             idx = order[i : i + 128]

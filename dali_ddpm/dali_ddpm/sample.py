@@ -18,7 +18,9 @@ from .train import build
 from .viz import save_grid, save_trajectory
 
 
-def load_run(run_dir: str | Path, checkpoint: str = "", *, use_ema: bool = True, device="cpu") -> tuple[DDPMConfig, UNet, GaussianDiffusion, int]:
+def load_run(
+    run_dir: str | Path, checkpoint: str = "", *, use_ema: bool = True, device="cpu"
+) -> tuple[DDPMConfig, UNet, GaussianDiffusion, int]:
     """(config, model in eval mode with the EMA (or raw) weights, diffusion, step) of a training run."""
     _, (path,) = run_checkpoints(checkpoint or run_dir)
     ckpt = load_checkpoint(path)
@@ -35,8 +37,20 @@ def load_run(run_dir: str | Path, checkpoint: str = "", *, use_ema: bool = True,
 
 
 @torch.no_grad()
-def draw(model: UNet, diffusion: GaussianDiffusion, n: int, *, sampler: str = "ddpm", steps: int = 50, eta: float = 0.0, batch_size: int = 64,
-         seed: int = 0, device="cpu", capture_every: int = 0, progress: bool = False) -> tuple[torch.Tensor, list, float]:
+def draw(
+    model: UNet,
+    diffusion: GaussianDiffusion,
+    n: int,
+    *,
+    sampler: str = "ddpm",
+    steps: int = 50,
+    eta: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    device="cpu",
+    capture_every: int = 0,
+    progress: bool = False,
+) -> tuple[torch.Tensor, list, float]:
     """n samples in batches; returns (samples (n, C, S, S) on CPU, trajectory of the first batch, seconds)."""
     generator = torch.Generator(device=device).manual_seed(seed)
     c, s = model.config.in_channels, model.config.image_size
@@ -48,8 +62,9 @@ def draw(model: UNet, diffusion: GaussianDiffusion, n: int, *, sampler: str = "d
         if sampler == "ddpm":
             x, traj = diffusion.p_sample_loop(model, shape, generator=generator, device=device, progress=progress, capture_every=capture)
         else:
-            x, traj = diffusion.ddim_sample_loop(model, shape, steps, eta=eta, generator=generator, device=device, progress=progress,
-                                                 capture_every=capture)
+            x, traj = diffusion.ddim_sample_loop(
+                model, shape, steps, eta=eta, generator=generator, device=device, progress=progress, capture_every=capture
+            )
         out.append(x.cpu())
         trajectory = trajectory or traj
     return torch.cat(out), trajectory, time.time() - start
@@ -57,11 +72,22 @@ def draw(model: UNet, diffusion: GaussianDiffusion, n: int, *, sampler: str = "d
 
 def sample(cfg: SampleConfig) -> dict:
     device = pick_device(cfg.device)
-    run_cfg, model, diffusion, step = load_run(cfg.run_dir, cfg.checkpoint, use_ema=cfg.use_ema, device=device)
+    _, model, diffusion, step = load_run(cfg.run_dir, cfg.checkpoint, use_ema=cfg.use_ema, device=device)
     n_steps = diffusion.num_timesteps if cfg.sampler == "ddpm" else (cfg.steps or 50)
     capture = max(1, n_steps // 50) if cfg.trajectory else 0
-    x, trajectory, seconds = draw(model, diffusion, cfg.n, sampler=cfg.sampler, steps=n_steps, eta=cfg.eta, batch_size=cfg.batch_size,
-                                  seed=cfg.seed, device=device, capture_every=capture, progress=True)
+    x, trajectory, seconds = draw(
+        model,
+        diffusion,
+        cfg.n,
+        sampler=cfg.sampler,
+        steps=n_steps,
+        eta=cfg.eta,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        device=device,
+        capture_every=capture,
+        progress=True,
+    )
     out = Path(cfg.out) if cfg.out else Path(cfg.run_dir) / f"samples_{cfg.sampler}{'' if cfg.sampler == 'ddpm' else n_steps}.png"
     save_grid(x, out)
     result = {"samples_png": str(out), "n": cfg.n, "sampler": cfg.sampler, "steps": n_steps, "seconds": round(seconds, 2), "step": step}

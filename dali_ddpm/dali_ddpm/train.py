@@ -9,6 +9,7 @@ checkpoint in out_dir (batches are a pure function of the step; RNG, optimizer a
 from __future__ import annotations
 
 import torch
+
 from axon_shared import EMA, WarmupConstantSchedule
 from axon_shared.training import Trainer, count_parameters
 
@@ -57,8 +58,11 @@ def train(cfg: DDPMConfig) -> dict:
         model, diffusion = build(cfg, device)
         ema = EMA(model, tc.ema_decay, warmup=tc.ema_warmup)
         if trainer.is_main:
-            print(f"dali-ddpm train: {count_parameters(model):,} parameters, {images.shape[0]} {cfg.data.dataset} images, device {device}, "
-                  f"threads {torch.get_num_threads()}, start step {trainer.start_step}", flush=True)
+            print(
+                f"dali-ddpm train: {count_parameters(model):,} parameters, {images.shape[0]} {cfg.data.dataset} images, device {device}, "
+                f"threads {torch.get_num_threads()}, start step {trainer.start_step}",
+                flush=True,
+            )
 
         def batch(step: int, micro: int) -> torch.Tensor:
             x0 = to_model_range(images[trainer.batch_indices(images.shape[0], step, micro)]).to(device)
@@ -76,17 +80,30 @@ def train(cfg: DDPMConfig) -> dict:
             with ema.applied_to(model):
                 metrics["loss_ema"] = validation_loss(model, diffusion, valid_x0, tc.seed)
                 if trainer.is_main and step % tc.sample_every == 0:
-                    save_grid(sample_grid(model, diffusion, tc.sample_n, tc.sample_steps, tc.seed, device), trainer.out_dir / f"samples_step_{step:08d}.png")
+                    save_grid(
+                        sample_grid(model, diffusion, tc.sample_n, tc.sample_steps, tc.seed, device),
+                        trainer.out_dir / f"samples_step_{step:08d}.png",
+                    )
             return metrics
 
         result = trainer.fit(
-            model, loss=loss, batch=batch, evaluate=evaluate, ema=ema, schedule=WarmupConstantSchedule(tc.lr, tc.warmup_steps),
-            count=lambda x0: x0.shape[0], unit="samples", extra={"n_params": count_parameters(model)},
+            model,
+            loss=loss,
+            batch=batch,
+            evaluate=evaluate,
+            ema=ema,
+            schedule=WarmupConstantSchedule(tc.lr, tc.warmup_steps),
+            count=lambda x0: x0.shape[0],
+            unit="samples",
+            extra={"n_params": count_parameters(model)},
             plots={"loss.png": ("train/loss", "valid/loss_ema")},
         )
         if trainer.trained_steps and trainer.is_main:
             with ema.applied_to(model):
                 model.eval()
                 save_grid(sample_grid(model, diffusion, tc.sample_n, tc.sample_steps, tc.seed, device), trainer.out_dir / "samples.png")
-            print(f"dali-ddpm train: stopped at step {result['step']} after {result['minutes']:.1f} min; run dir {trainer.out_dir}", flush=True)
+            print(
+                f"dali-ddpm train: stopped at step {result['step']} after {result['minutes']:.1f} min; run dir {trainer.out_dir}",
+                flush=True,
+            )
     return result

@@ -40,7 +40,9 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, scale: 
 
 def save_trajectory(trajectory: list[tuple[int, Tensor]], path: str | Path, n_images: int = 8, columns: int = 11) -> Path:
     """Rows = images, columns = x_t at evenly chosen captured t, from pure noise (left) to x_0 (right)."""
-    picks = [trajectory[round(i * (len(trajectory) - 1) / (columns - 1))] for i in range(columns)] if len(trajectory) >= columns else trajectory
+    picks = (
+        [trajectory[round(i * (len(trajectory) - 1) / (columns - 1))] for i in range(columns)] if len(trajectory) >= columns else trajectory
+    )
     frames = torch.stack([x[:n_images] for _, x in picks], dim=1)  # (n, columns, C, H, W)
     path = save_grid(frames.flatten(0, 1).clamp(-1, 1), path, nrow=len(picks))
     return path

@@ -116,9 +116,22 @@ class SFTConfig(AxonConfig):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
-        "tiny": dict(max_train=128, max_valid=16, max_len=40, train=dict(
-            steps=6, batch_size=8, lr=1e-4, warmup_steps=2, max_minutes=None, bf16=False, eval_every=3, checkpoint_every=3, progress=False,
-        )),
+        "tiny": dict(
+            max_train=128,
+            max_valid=16,
+            max_len=40,
+            train=dict(
+                steps=6,
+                batch_size=8,
+                lr=1e-4,
+                warmup_steps=2,
+                max_minutes=None,
+                bf16=False,
+                eval_every=3,
+                checkpoint_every=3,
+                progress=False,
+            ),
+        ),
     }
 
     def validate(self) -> None:
@@ -139,9 +152,23 @@ class RewardConfig(AxonConfig):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
-        "tiny": dict(num_prompts=16, num_valid_prompts=8, k=4, sampling=dict(max_new_tokens=12, batch_size=16), train=dict(
-            steps=6, batch_size=4, lr=1e-4, warmup_steps=1, max_minutes=None, bf16=False, eval_every=3, checkpoint_every=3, progress=False,
-        )),
+        "tiny": dict(
+            num_prompts=16,
+            num_valid_prompts=8,
+            k=4,
+            sampling=dict(max_new_tokens=12, batch_size=16),
+            train=dict(
+                steps=6,
+                batch_size=4,
+                lr=1e-4,
+                warmup_steps=1,
+                max_minutes=None,
+                bf16=False,
+                eval_every=3,
+                checkpoint_every=3,
+                progress=False,
+            ),
+        ),
     }
 
     def validate(self) -> None:
@@ -178,10 +205,25 @@ class PPOConfig(AxonConfig):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
-        "tiny": dict(num_prompts=32, eval_prompts=8, ppo_epochs=2, minibatch_size=4, sampling=dict(max_new_tokens=10, batch_size=8), train=dict(
-            steps=3, batch_size=8, lr=1e-4, warmup_steps=0, min_lr_ratio=0.1, max_minutes=None, log_every=10, eval_every=3, checkpoint_every=2,
-            progress=False,
-        )),
+        "tiny": dict(
+            num_prompts=32,
+            eval_prompts=8,
+            ppo_epochs=2,
+            minibatch_size=4,
+            sampling=dict(max_new_tokens=10, batch_size=8),
+            train=dict(
+                steps=3,
+                batch_size=8,
+                lr=1e-4,
+                warmup_steps=0,
+                min_lr_ratio=0.1,
+                max_minutes=None,
+                log_every=10,
+                eval_every=3,
+                checkpoint_every=2,
+                progress=False,
+            ),
+        ),
     }
 
     def validate(self) -> None:
@@ -191,7 +233,12 @@ class PPOConfig(AxonConfig):
         require(0 <= self.lam <= 1, self, "lam", "must be in [0, 1]")
         require(0 < self.gamma <= 1, self, "gamma", "must be in (0, 1]")
         require(self.ptx_coef >= 0, self, "ptx_coef", "must be >= 0")
-        require(self.train.batch_size % self.minibatch_size == 0, self, "minibatch_size", f"must divide train.batch_size={self.train.batch_size} (the rollouts of an iteration)")
+        require(
+            self.train.batch_size % self.minibatch_size == 0,
+            self,
+            "minibatch_size",
+            f"must divide train.batch_size={self.train.batch_size} (the rollouts of an iteration)",
+        )
         if self.target_kl is not None:
             require(self.target_kl > 0, self, "target_kl", "must be > 0 (or null for a fixed coefficient)")
 
@@ -211,9 +258,20 @@ class DPOConfig(AxonConfig):
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         "cpu": {},
-        "tiny": dict(eval_prompts=8, train=dict(
-            steps=4, batch_size=4, lr=1e-4, warmup_steps=0, min_lr_ratio=0.1, max_minutes=None, eval_every=2, checkpoint_every=2, progress=False,
-        )),
+        "tiny": dict(
+            eval_prompts=8,
+            train=dict(
+                steps=4,
+                batch_size=4,
+                lr=1e-4,
+                warmup_steps=0,
+                min_lr_ratio=0.1,
+                max_minutes=None,
+                eval_every=2,
+                checkpoint_every=2,
+                progress=False,
+            ),
+        ),
     }
 
     def validate(self) -> None:
@@ -236,11 +294,19 @@ class EvaluateConfig(AxonConfig):
     seed: int = 1
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"cpu": {}, "tiny": dict(num_prompts=16, num_samples=2, sampling=dict(max_new_tokens=10))}
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        "cpu": {},
+        "tiny": dict(num_prompts=16, num_samples=2, sampling=dict(max_new_tokens=10)),
+    }
 
     def validate(self) -> None:
         require_positive(self, "num_prompts")
-        require(not self.names or len(self.names) == len(self.policies), self, "names", f"give one name per policy ({len(self.policies)}) or none")
+        require(
+            not self.names or len(self.names) == len(self.policies),
+            self,
+            "names",
+            f"give one name per policy ({len(self.policies)}) or none",
+        )
 
 
 @dataclass
@@ -249,7 +315,9 @@ class PipelineConfig(AxonConfig):
 
     out_dir: str = "runs/instructgpt_rlhf/cpu"
     pretrain_preset: str = "demo"  # an x_llama TrainConfig preset
-    pretrain_overrides: dict = field(default_factory=lambda: {"train": {"steps": 1600, "max_minutes": 7.0, "bf16": True, "eval_every": 200, "checkpoint_every": 200}})  # e.g. {"train": {"steps": 300}}
+    pretrain_overrides: dict = field(
+        default_factory=lambda: {"train": {"steps": 1600, "max_minutes": 7.0, "bf16": True, "eval_every": 200, "checkpoint_every": 200}}
+    )  # e.g. {"train": {"steps": 300}}
     pretrained: str | None = None  # reuse an existing x_llama run dir instead of pretraining
     kl_coefs: tuple[float, ...] = (0.05, 0.2, 0.5)
     betas: tuple[float, ...] = (0.1, 0.5)
@@ -280,10 +348,27 @@ class PipelineConfig(AxonConfig):
             pretrain_overrides={"train": {"steps": 250, "max_minutes": 1.0, "eval_every": 250, "checkpoint_every": 250, "progress": False}},
             kl_coefs=(0.05,),
             betas=(0.1,),
-            sft=dict(max_len=48, max_valid=64, train=dict(steps=250, warmup_steps=10, eval_every=125, checkpoint_every=125, max_minutes=0.8, progress=False)),
-            reward=dict(num_prompts=160, num_valid_prompts=40, sampling=dict(max_new_tokens=24), train=dict(steps=60, warmup_steps=5, eval_every=30, checkpoint_every=30, max_minutes=0.6, progress=False)),
-            ppo=dict(num_prompts=512, eval_prompts=32, sampling=dict(max_new_tokens=24, batch_size=32), minibatch_size=16, train=dict(steps=24, batch_size=32, warmup_steps=2, eval_every=8, checkpoint_every=8, max_minutes=0.8, progress=False)),
-            dpo=dict(eval_prompts=32, train=dict(steps=100, warmup_steps=5, eval_every=25, checkpoint_every=25, max_minutes=0.5, progress=False)),
+            sft=dict(
+                max_len=48,
+                max_valid=64,
+                train=dict(steps=250, warmup_steps=10, eval_every=125, checkpoint_every=125, max_minutes=0.8, progress=False),
+            ),
+            reward=dict(
+                num_prompts=160,
+                num_valid_prompts=40,
+                sampling=dict(max_new_tokens=24),
+                train=dict(steps=60, warmup_steps=5, eval_every=30, checkpoint_every=30, max_minutes=0.6, progress=False),
+            ),
+            ppo=dict(
+                num_prompts=512,
+                eval_prompts=32,
+                sampling=dict(max_new_tokens=24, batch_size=32),
+                minibatch_size=16,
+                train=dict(steps=24, batch_size=32, warmup_steps=2, eval_every=8, checkpoint_every=8, max_minutes=0.8, progress=False),
+            ),
+            dpo=dict(
+                eval_prompts=32, train=dict(steps=100, warmup_steps=5, eval_every=25, checkpoint_every=25, max_minutes=0.5, progress=False)
+            ),
             evaluate=dict(num_prompts=96, num_samples=3, sampling=dict(max_new_tokens=24)),
         ),
     }

@@ -34,7 +34,9 @@ def _movie_snippets(split: str) -> tuple[dict, ...]:
     movies = [r for r in records if "movie" in str(r["source"]).lower()]
     if not movies:
         sources = sorted({str(r["source"]) for r in records})
-        raise ValueError(f"vader-sentiment/{split} has no movie-review snippets (sources: {sources}); run `axon-data prepare vader-sentiment`")
+        raise ValueError(
+            f"vader-sentiment/{split} has no movie-review snippets (sources: {sources}); run `axon-data prepare vader-sentiment`"
+        )
     return tuple(movies)
 
 
@@ -75,7 +77,7 @@ class Batch:
         """(B, C) 1 on completion tokens (EOS included), 0 on pads."""
         return self.completion_mask[:, self.prompt_len :]
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(self.tokens.to(device), self.attention_mask.to(device), self.completion_mask.to(device), self.prompt_len)
 
 
@@ -101,7 +103,9 @@ def collate(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int
     return Batch(tokens, attn, comp, P)
 
 
-def sft_examples(token_lists: Sequence[Sequence[int]], bos_id: int, eos_id: int, max_len: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+def sft_examples(
+    token_lists: Sequence[Sequence[int]], bos_id: int, eos_id: int, max_len: int, seed: int = 0
+) -> list[tuple[list[int], list[int]]]:
     """(prompt, completion) pairs for SFT: the prompt is bos + the first 2-8 tokens (masked from the loss),
     the completion is the rest of the snippet + EOS (EOS is a label, so the model learns to stop)."""
     prompts = make_prompts(token_lists, bos_id, seed=seed)

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+
 from axon_shared.training import Trainer
 
 from .config import DPOConfig, SamplingConfig
@@ -22,7 +23,7 @@ from .data import collate, split_prompts
 from .evaluate import measure
 from .labeler import VaderLabeler
 from .losses import dpo_loss, sequence_logprobs
-from .model import load_policy, policy_logits, save_model, tokenizer_of
+from .model import already_trained, load_policy, policy_logits, save_model, tokenizer_of
 from .reward import read_jsonl
 from .rollout import completion_logprobs
 
@@ -52,8 +53,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
     tc = cfg.train
     out_dir = Path(tc.out_dir)
     final = out_dir / "policy.safetensors"
-    if final.exists():
-        print(f"dpo: {final} exists, skipping (delete it to retrain)")
+    if already_trained(final, "dpo"):
         return out_dir
     with Trainer(tc, cfg, name=f"dpo(beta={cfg.beta})", frozen=("sft", "preferences")) as trainer:
         tokenizer = tokenizer_of(cfg.sft)
@@ -69,8 +69,12 @@ def run_dpo(cfg: DPOConfig) -> Path:
             vref_c = completion_logprobs(ref, [p for p, _, _ in valid], [c for _, c, _ in valid])
             vref_r = completion_logprobs(ref, [p for p, _, _ in valid], [r for _, _, r in valid])
         reward_config = train_path.parent / "config.json"
-        sampling = SamplingConfig.from_dict(json.loads(reward_config.read_text())["sampling"]) if reward_config.exists() else SamplingConfig()
-        eval_prompts = split_prompts(tokenizer, "valid", cfg.eval_prompts, seed=tc.seed, min_tokens=sampling.min_prompt_tokens, max_tokens=sampling.max_prompt_tokens)
+        sampling = (
+            SamplingConfig.from_dict(json.loads(reward_config.read_text())["sampling"]) if reward_config.exists() else SamplingConfig()
+        )
+        eval_prompts = split_prompts(
+            tokenizer, "valid", cfg.eval_prompts, seed=tc.seed, min_tokens=sampling.min_prompt_tokens, max_tokens=sampling.max_prompt_tokens
+        )
         labeler = VaderLabeler()
 
         def batch(step: int, micro: int) -> list:
@@ -82,10 +86,22 @@ def run_dpo(cfg: DPOConfig) -> Path:
             pc, pr = pair_logprobs(policy, pairs)
             lengths = [torch.tensor([len(pair[which]) for pair in pairs]) for which in (1, 2)]
             value, cr, rr = dpo_loss(
-                pc, pr, ref_c, ref_r, cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
-                chosen_lengths=lengths[0], rejected_lengths=lengths[1],
+                pc,
+                pr,
+                ref_c,
+                ref_r,
+                cfg.beta,
+                loss_type=cfg.loss_type,
+                label_smoothing=cfg.label_smoothing,
+                chosen_lengths=lengths[0],
+                rejected_lengths=lengths[1],
             )
-            return value, {"margin": float((cr - rr).mean()), "accuracy": float((cr > rr).float().mean()), "chosen_reward": float(cr.mean()), "rejected_reward": float(rr.mean())}
+            return value, {
+                "margin": float((cr - rr).mean()),
+                "accuracy": float((cr > rr).float().mean()),
+                "chosen_reward": float(cr.mean()),
+                "rejected_reward": float(rr.mean()),
+            }
 
         def evaluate(policy, step: int) -> dict[str, float]:
             margins = []
@@ -97,11 +113,25 @@ def run_dpo(cfg: DPOConfig) -> Path:
             return {"margin": float(margin.mean()), "accuracy": float((margin > 0).float().mean()), **metrics}
 
         metrics = trainer.fit(
-            policy, loss=loss, batch=batch, evaluate=evaluate, evaluate_first=True, schedule=tc.schedule(), count=len, unit="samples",
+            policy,
+            loss=loss,
+            batch=batch,
+            evaluate=evaluate,
+            evaluate_first=True,
+            schedule=tc.schedule(),
+            count=len,
+            unit="samples",
             plots={"loss.png": ("train/loss", "train/margin", "valid/accuracy", "valid/reward", "valid/kl")},
         )
         if trainer.is_main:
-            save_model(final, policy, "policy", tokenizer.path, metrics=metrics, extra={"method": "dpo", "beta": cfg.beta, "loss_type": cfg.loss_type})
+            save_model(
+                final,
+                policy,
+                "policy",
+                tokenizer.path,
+                metrics=metrics,
+                extra={"method": "dpo", "beta": cfg.beta, "loss_type": cfg.loss_type},
+            )
             (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
             print(f"dpo: wrote {final} ({metrics})")
     return out_dir

@@ -90,7 +90,16 @@ def frontier_plot(rows: list[dict], curves: dict[str, list[tuple[float, float]]]
             colors[name] = line.get_color()
     for row in rows:
         marker = "o" if row["name"].startswith("PPO") else "s" if row["name"] != "SFT" else "*"
-        ax.errorbar(row["kl"], row["reward"], yerr=row["reward_sem"], fmt=marker, color=colors.get(row["name"]), markersize=8, capsize=3, label=row["name"])
+        ax.errorbar(
+            row["kl"],
+            row["reward"],
+            yerr=row["reward_sem"],
+            fmt=marker,
+            color=colors.get(row["name"]),
+            markersize=8,
+            capsize=3,
+            label=row["name"],
+        )
     ax.set_xlabel("KL(pi || pi_SFT)  [nats per completion]")
     ax.set_ylabel("mean ground-truth reward (VADER compound)")
     ax.set_title("Reward vs KL frontier (held-out prompts)")
@@ -107,7 +116,9 @@ def training_curve(run_dir: str) -> list[tuple[float, float]]:
     """(eval_kl, eval_reward) points logged during a PPO/DPO run (on valid prompts)."""
     from axon_shared.metrics import read_metrics
 
-    return [(r["valid/kl"], r["valid/reward"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "valid/kl" in r and "valid/reward" in r]
+    return [
+        (r["valid/kl"], r["valid/reward"]) for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "valid/kl" in r and "valid/reward" in r
+    ]
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
@@ -118,7 +129,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     rm = load_scalar_model(cfg.reward_model).eval() if cfg.reward_model else None
     labeler = VaderLabeler()
     s = cfg.sampling
-    prompts = split_prompts(tokenizer, "test", cfg.num_prompts, seed=cfg.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
+    prompts = split_prompts(
+        tokenizer, "test", cfg.num_prompts, seed=cfg.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens
+    )
     rows, samples = [], {}
     base_metrics, base = measure(ref, ref, tokenizer, prompts, s, labeler, seed=cfg.seed, rm=rm)
     labels = list(cfg.names) or [policy_label(p) for p in cfg.policies]

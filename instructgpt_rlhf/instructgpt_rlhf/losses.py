@@ -164,7 +164,9 @@ def kl_shaped_rewards(
     return rewards * mask, kl
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016). Returns (advantages, returns), (B,T).
 
     delta_t = r_t + gamma V_{t+1} - V_t  (V after the last token is 0: the episode ends)

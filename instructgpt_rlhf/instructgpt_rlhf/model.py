@@ -15,8 +15,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from axon_shared.checkpoint import load_checkpoint, run_checkpoints, save_checkpoint
 from torch import Tensor, nn
+
+from axon_shared.checkpoint import load_checkpoint, run_checkpoints, save_checkpoint
 from x_llama import Llama, LlamaConfig
 
 from .data import Batch
@@ -34,7 +35,7 @@ class ScalarHeadModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     @classmethod
-    def from_policy(cls, policy: Llama) -> "ScalarHeadModel":
+    def from_policy(cls, policy: Llama) -> ScalarHeadModel:
         model = cls(policy.config)
         model.backbone.load_state_dict(policy.state_dict())
         return model
@@ -74,7 +75,14 @@ def policy_values(value_model: ScalarHeadModel, batch: Batch) -> Tensor:
 # ------------------------------------------------------------------------------------------------ save / load
 
 
-def save_model(path: str | Path, model: nn.Module, kind: str, tokenizer_path: str | Path | None = None, metrics: dict | None = None, extra: dict | None = None) -> Path:
+def save_model(
+    path: str | Path,
+    model: nn.Module,
+    kind: str,
+    tokenizer_path: str | Path | None = None,
+    metrics: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
     """Write `model.safetensors` (kind = policy | reward | value) and copy the tokenizer next to it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +93,14 @@ def save_model(path: str | Path, model: nn.Module, kind: str, tokenizer_path: st
         if Path(tokenizer_path).resolve() != target.resolve():
             shutil.copyfile(tokenizer_path, target)
     return path
+
+
+def already_trained(final: Path, stage: str) -> bool:
+    """True, and says so, when a stage's final model exists: the stage is skipped, so a pipeline run again resumes
+    at the first unfinished stage."""
+    if final.exists():
+        print(f"{stage}: {final} exists, skipping (delete it to retrain)")
+    return final.exists()
 
 
 def load_policy(path: str | Path) -> Llama:

@@ -1,11 +1,12 @@
 """`pipeline`: the whole experiment end to end, each stage skipped when its output exists (so it resumes):
 
-    x_llama pretraining on en-text -> SFT on movie snippets -> preferences + reward model
-    -> PPO at each kl_coef, DPO at each beta -> evaluate (reward/KL frontier, win rates, samples) -> REPORT.md
+x_llama pretraining on en-text -> SFT on movie snippets -> preferences + reward model
+-> PPO at each kl_coef, DPO at each beta -> evaluate (reward/KL frontier, win rates, samples) -> REPORT.md
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -64,7 +65,11 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         d = str(root / f"dpo_beta{beta:g}")
         timed(f"dpo_beta{beta:g}", run_dpo, cfg.dpo.replace(sft=sft_dir, preferences=rm_dir, beta=beta, train={"out_dir": d}))
         policies.append(d)
-    result = timed("evaluate", run_evaluate, cfg.evaluate.replace(sft=sft_dir, reward_model=rm_dir, policies=list(policies), out_dir=str(root / "eval")))
+    result = timed(
+        "evaluate",
+        run_evaluate,
+        cfg.evaluate.replace(sft=sft_dir, reward_model=rm_dir, policies=list(policies), out_dir=str(root / "eval")),
+    )
     plots = stage_plots(root, policies)
     write_report(root, result, timings, image_prefix=image_prefix, plots=plots)
     return result
@@ -86,10 +91,8 @@ def stage_plots(root: Path, policies: list[str]) -> list[Path]:
     for name, keys in wanted.items():
         metrics = root / name / "metrics.jsonl"
         if metrics.exists():
-            try:
+            with contextlib.suppress(ValueError):  # no rows for these keys
                 out.append(plot_metrics(metrics, root / "plots" / f"{name}.png", keys, title=name).relative_to(root))
-            except ValueError:
-                pass
     return out
 
 

@@ -16,16 +16,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from axon_shared.seed import seed_everything
 from axon_shared.training import Trainer
-from torch import nn
 
 from .config import PPOConfig
 from .data import Batch, collate, split_prompts
 from .evaluate import measure
 from .labeler import VaderLabeler
 from .losses import AdaptiveKLController, gae, kl_shaped_rewards, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss, token_entropy
-from .model import load_policy, load_scalar_model, policy_values, save_model, tokenizer_of
+from .model import already_trained, load_policy, load_scalar_model, policy_values, save_model, tokenizer_of
 from .rollout import decode_texts, per_token_logprobs, sample_completions
 
 
@@ -56,7 +57,18 @@ def sub_batch(batch: Batch, rows: torch.Tensor) -> Batch:
     return Batch(batch.tokens[rows], batch.attention_mask[rows], batch.completion_mask[rows], batch.prompt_len)
 
 
-def ppo_iteration(policy, ref, value, prompts, score_fn, cfg: PPOConfig, update: Callable[[torch.Tensor], float], kl_ctl: AdaptiveKLController, eos_id: int, ptx_fn=None):
+def ppo_iteration(
+    policy,
+    ref,
+    value,
+    prompts,
+    score_fn,
+    cfg: PPOConfig,
+    update: Callable[[torch.Tensor], float],
+    kl_ctl: AdaptiveKLController,
+    eos_id: int,
+    ptx_fn=None,
+):
     """One PPO iteration: rollout -> rewards -> GAE -> `ppo_epochs` passes of minibatch updates.
     score_fn(batch, completions) -> (B,) sequence scores (the RM; any function in tests); update(loss) does one
     optimizer update (backward, clip, step: the training loop's `Trainer.update`). Returns (metrics, completions)."""
@@ -122,8 +134,7 @@ def run_ppo(cfg: PPOConfig) -> Path:
     tc = cfg.train
     out_dir = Path(tc.out_dir)
     final = out_dir / "policy.safetensors"
-    if final.exists():
-        print(f"ppo: {final} exists, skipping (delete it to retrain)")
+    if already_trained(final, "ppo"):
         return out_dir
     with Trainer(tc, cfg, name=f"ppo(kl={cfg.kl_coef})", frozen=("sft", "reward_model")) as trainer:
         tokenizer = tokenizer_of(cfg.sft)
@@ -133,8 +144,12 @@ def run_ppo(cfg: PPOConfig) -> Path:
         rm = load_scalar_model(cfg.reward_model).eval().requires_grad_(False).to(trainer.device)
         value = load_scalar_model(cfg.reward_model)  # value function initialised from the RM
         s = cfg.sampling
-        prompts = split_prompts(tokenizer, "train", cfg.num_prompts, seed=tc.seed + 7, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
-        eval_prompts = split_prompts(tokenizer, "valid", cfg.eval_prompts, seed=tc.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
+        prompts = split_prompts(
+            tokenizer, "train", cfg.num_prompts, seed=tc.seed + 7, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens
+        )
+        eval_prompts = split_prompts(
+            tokenizer, "valid", cfg.eval_prompts, seed=tc.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens
+        )
         kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         stream = pretraining_tokens(tokenizer) if cfg.ptx_coef > 0 else None
         labeler = VaderLabeler()
@@ -160,12 +175,25 @@ def run_ppo(cfg: PPOConfig) -> Path:
             return metrics
 
         metrics = trainer.fit(
-            nn.ModuleDict({"policy": policy, "value": value}), step=step, evaluate=evaluate, evaluate_first=True, schedule=tc.schedule(),
-            state={"kl_controller": kl_ctl}, count=tc.batch_size, unit="samples",
+            nn.ModuleDict({"policy": policy, "value": value}),
+            step=step,
+            evaluate=evaluate,
+            evaluate_first=True,
+            schedule=tc.schedule(),
+            state={"kl_controller": kl_ctl},
+            count=tc.batch_size,
+            unit="samples",
             plots={"ppo.png": ("train/score", "train/reward", "train/kl", "train/entropy", "valid/reward", "valid/kl")},
         )
         if trainer.is_main:
-            save_model(final, policy, "policy", tokenizer.path, metrics=metrics, extra={"method": "ppo", "kl_coef": cfg.kl_coef, "ptx_coef": cfg.ptx_coef})
+            save_model(
+                final,
+                policy,
+                "policy",
+                tokenizer.path,
+                metrics=metrics,
+                extra={"method": "ppo", "kl_coef": cfg.kl_coef, "ptx_coef": cfg.ptx_coef},
+            )
             (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
             print(f"ppo: wrote {final} ({metrics})")
     return out_dir

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+
 from axon_shared.seed import seed_everything
 from axon_shared.training import Trainer, bf16_autocast
 
@@ -21,7 +22,7 @@ from .config import RewardConfig, SamplingConfig
 from .data import collate, split_prompts
 from .labeler import VaderLabeler, bradley_terry_labels, pearson
 from .losses import reward_model_loss
-from .model import ScalarHeadModel, last_index, load_policy, save_model, tokenizer_of
+from .model import ScalarHeadModel, already_trained, last_index, load_policy, save_model, tokenizer_of
 from .rollout import decode_texts, sample_completions
 
 
@@ -92,19 +93,23 @@ def run_reward(cfg: RewardConfig) -> Path:
     tc = cfg.train
     out_dir = Path(tc.out_dir)
     final = out_dir / "reward.safetensors"
-    if final.exists():
-        print(f"reward: {final} exists, skipping (delete it to retrain)")
+    if already_trained(final, "reward"):
         return out_dir
     with Trainer(tc, cfg, name="reward", frozen=("sft", "k")) as trainer:
         policy = load_policy(cfg.sft).eval()
         tokenizer = tokenizer_of(cfg.sft)
         s = cfg.sampling
-        files = {"train": (out_dir / "preferences_train.jsonl", cfg.num_prompts), "valid": (out_dir / "preferences_valid.jsonl", cfg.num_valid_prompts)}
+        files = {
+            "train": (out_dir / "preferences_train.jsonl", cfg.num_prompts),
+            "valid": (out_dir / "preferences_valid.jsonl", cfg.num_valid_prompts),
+        }
         data = {}
         with trainer.main_first():  # rank 0 samples and labels the preferences; the others read its files
             for split, (path, n) in files.items():
                 if not path.exists():
-                    prompts = split_prompts(tokenizer, split, n, seed=tc.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens)
+                    prompts = split_prompts(
+                        tokenizer, split, n, seed=tc.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens
+                    )
                     with bf16_autocast(trainer.device, tc.bf16):
                         records = build_preferences(policy, tokenizer, prompts, cfg.k, s, cfg.bt_temperature, tc.seed)
                     write_jsonl(path, records)
@@ -125,10 +130,18 @@ def run_reward(cfg: RewardConfig) -> Path:
             win = torch.tensor([w for r in chunk for w, _ in r["pairs"]])
             lose = torch.tensor([lo for r in chunk for _, lo in r["pairs"]])
             chosen, rejected = scores[rows, win], scores[rows, lose]
-            return reward_model_loss(chosen, rejected), {"accuracy": float((chosen > rejected).float().mean())}  # mean over the C(K,2) pairs
+            return reward_model_loss(chosen, rejected), {
+                "accuracy": float((chosen > rejected).float().mean())
+            }  # mean over the C(K,2) pairs
 
         metrics = trainer.fit(
-            rm, loss=loss, batch=batch, evaluate=lambda rm, step: pair_accuracy(rm, valid), schedule=tc.schedule(), count=len, unit="samples",
+            rm,
+            loss=loss,
+            batch=batch,
+            evaluate=lambda rm, step: pair_accuracy(rm, valid),
+            schedule=tc.schedule(),
+            count=len,
+            unit="samples",
             plots={"loss.png": ("train/loss", "train/accuracy", "valid/accuracy")},
         )
         # bias normalisation: SFT samples (the training completions) score 0 on average

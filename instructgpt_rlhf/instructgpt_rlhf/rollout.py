@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from x_llama import Llama, generate
 
 from .config import SamplingConfig
@@ -21,7 +22,9 @@ def sample_completions(policy: Llama, prompts: Sequence[Sequence[int]], sampling
     out: list[list[int]] = []
     for start in range(0, len(prompts), sampling.batch_size):
         chunk = [list(p) for p in prompts[start : start + sampling.batch_size]]
-        out += generate(policy, chunk, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, eos_id=eos_id, use_cache=True)
+        out += generate(
+            policy, chunk, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, eos_id=eos_id, use_cache=True
+        )
     return out
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from axon_shared.training import Trainer
 
 from .config import SFTConfig
 from .data import Batch, collate, sft_examples, snippet_tokens
 from .losses import sft_loss
-from .model import policy_logits, save_model
+from .model import already_trained, policy_logits, save_model
 
 
 def load_base(pretrained: str):
@@ -28,8 +29,7 @@ def load_base(pretrained: str):
 def run_sft(cfg: SFTConfig) -> Path:
     tc = cfg.train
     final = Path(tc.out_dir) / "policy.safetensors"
-    if final.exists():
-        print(f"sft: {final} exists, skipping (delete it to retrain)")
+    if already_trained(final, "sft"):
         return final.parent
     with Trainer(tc, cfg, name="sft", frozen=("pretrained",)) as trainer:
         model, tokenizer = load_base(cfg.pretrained)
@@ -57,9 +57,16 @@ def run_sft(cfg: SFTConfig) -> Path:
                 count += n
             return {"loss": total / max(count, 1)}
 
-        metrics = trainer.fit(model, loss=loss, batch=batch, evaluate=evaluate, schedule=tc.schedule(), count=lambda b: int(b.attention_mask.sum()), unit="tokens")
+        metrics = trainer.fit(
+            model,
+            loss=loss,
+            batch=batch,
+            evaluate=evaluate,
+            schedule=tc.schedule(),
+            count=lambda b: int(b.attention_mask.sum()),
+            unit="tokens",
+        )
         if trainer.is_main:
             save_model(final, model, "policy", tokenizer.path, metrics=metrics)
             print(f"sft: wrote {final} ({metrics})")
     return final.parent
-

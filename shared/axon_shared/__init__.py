@@ -14,7 +14,17 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import AxonConfig, ConfigError, read_config_file, require, require_choice, require_positive
-from .distributed import DistContext, all_reduce_mean, barrier, cleanup_distributed, pick_device, set_threads, setup_distributed, shard, wrap_model
+from .distributed import (
+    DistContext,
+    all_reduce_mean,
+    barrier,
+    cleanup_distributed,
+    pick_device,
+    set_threads,
+    setup_distributed,
+    shard,
+    wrap_model,
+)
 from .ema import EMA
 from .errors import AxonError, ConfigMismatchError, Interrupted, RunLockedError
 from .layers import attention, causal_mask, padding_mask, sinusoidal_embedding

@@ -52,7 +52,7 @@ class Checkpoint:
         values = self.config.get(section) if isinstance(self.config.get(section), dict) else None
         try:
             return config_class.from_dict(values)
-        except Exception as error:  # noqa: BLE001 (any parse failure means: not this kind of model)
+        except Exception as error:
             raise CheckpointError(
                 f"{self.path}: not a checkpoint of a {config_class.__name__} model ({error}); pass a run of the right package"
             ) from None
@@ -129,7 +129,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         with safe_open(str(path), framework="pt", device=str(map_location)) as handle:
             metadata = handle.metadata() or {}
             grouped: dict[str, dict[str, torch.Tensor]] = {}
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 prefix, _, name = key.partition("/")
                 grouped.setdefault(prefix, {})[name] = handle.get_tensor(key)
     except (SafetensorError, OSError, ValueError) as error:
@@ -154,7 +154,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def load_model_state(model: nn.Module, tensors: dict[str, torch.Tensor], *, strict: bool = True, source: Any = "") -> None:
     """load_state_dict with a readable error on missing, unexpected or mis-shaped keys."""
     own = model.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in tensors.items() if k in own and own[k].shape != v.shape]
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in tensors.items()
+        if k in own and own[k].shape != v.shape
+    ]
     if mismatched:
         raise CheckpointError(f"{source}: tensor shapes do not fit the model (wrong config?): {mismatched[:5]}")
     result = model.load_state_dict(tensors, strict=False)
@@ -248,7 +252,7 @@ def average_checkpoints(paths: list[str | Path]) -> dict[str, torch.Tensor]:
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module inside DDP / torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+        model = getattr(model, "module", None) or model._orig_mod
     return model
 
 

@@ -109,7 +109,13 @@ def build_cli(prog: str, commands: dict[str, Command], description: str = "") ->
         debug = "--debug" in argv
         argv = [a for a in argv if a != "--debug"]
         if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
-            lines = [description or prog, "", f"usage: {prog} <command> [--preset NAME] [--config FILE] [--SECTION.FIELD VALUE ...] [--debug]", "", "commands:"]
+            lines = [
+                description or prog,
+                "",
+                f"usage: {prog} <command> [--preset NAME] [--config FILE] [--SECTION.FIELD VALUE ...] [--debug]",
+                "",
+                "commands:",
+            ]
             lines += [f"  {name:<10} {cmd.help}" for name, cmd in commands.items()]
             print("\n".join(lines))
             if argv and argv[0] not in ("-h", "--help"):

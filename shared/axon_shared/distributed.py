@@ -23,7 +23,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # noqa: RUF009 (an immutable value)
 
     @property
     def is_main(self) -> bool:
@@ -51,7 +51,9 @@ def pick_device(requested: str = "auto") -> torch.device:
     except RuntimeError:
         raise ConfigError(f"device={requested!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ConfigError(f"device={requested!r}: this machine has {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s); use auto or cpu")
+        raise ConfigError(
+            f"device={requested!r}: this machine has {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA device(s); use auto or cpu"
+        )
     return device
 
 

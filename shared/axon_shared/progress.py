@@ -19,7 +19,7 @@ def progress_bar(iterable=None, *, enabled: bool = True, **kwargs) -> tqdm:
 
 
 def format_seconds(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
@@ -44,13 +44,21 @@ class RunProgress:
         self.started, self.elapsed_before = time.monotonic(), elapsed
         self.metrics: dict[str, float] = {}
         self.bar = _StatusBar(
-            total=self.RESOLUTION, disable=not enabled, desc=desc, dynamic_ncols=True, mininterval=0.5, bar_format="{desc}: {percentage:3.0f}%|{bar}| {status}"
+            total=self.RESOLUTION,
+            disable=not enabled,
+            desc=desc,
+            dynamic_ncols=True,
+            mininterval=0.5,
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {status}",
         )
         self.update(start_step)
 
     def update(self, step: int, metrics: dict[str, float] | None = None) -> None:
         if metrics:  # the training loss first, then the throughput
-            shown = sorted((k for k in metrics if k.startswith("train/") or k.endswith("_per_s")), key=lambda k: (k != "train/loss", not k.endswith("_per_s")))
+            shown = sorted(
+                (k for k in metrics if k.startswith("train/") or k.endswith("_per_s")),
+                key=lambda k: (k != "train/loss", not k.endswith("_per_s")),
+            )
             self.metrics = {key.removeprefix("train/"): metrics[key] for key in shown}
         now = time.monotonic() - self.started
         done = step / self.steps

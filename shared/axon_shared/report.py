@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+
 def assemble(demo_dir: Path) -> Path:
     parts = ["# Axon demo report", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by `make demo`.", ""]
     datasets = demo_dir / "datasets.md"

@@ -19,8 +19,13 @@ PRED = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 def _pair(variance: str, clip: bool, prediction: str = "eps"):
     ours = GaussianDiffusion(beta_schedule("linear", T), variance=variance, clip_denoised=clip, prediction=prediction)
-    theirs = DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", variance_type={"fixedsmall": "fixed_small", "fixedlarge": "fixed_large"}[variance],
-                           clip_sample=clip, prediction_type=PRED[prediction])
+    theirs = DDPMScheduler(
+        num_train_timesteps=T,
+        beta_schedule="linear",
+        variance_type={"fixedsmall": "fixed_small", "fixedlarge": "fixed_large"}[variance],
+        clip_sample=clip,
+        prediction_type=PRED[prediction],
+    )
     return ours, theirs
 
 
@@ -61,7 +66,7 @@ def test_one_step_equals_ddpm_scheduler_step(variance, clip, prediction):
         expected = theirs.step(output, step, x_t, generator=torch.Generator().manual_seed(123)).prev_sample
         noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(123))  # the same draw diffusers makes
         got = ours.p_sample(output, x_t, torch.full((4,), step), noise)
-        assert_close(got, expected, **TOL, msg=lambda m: f"t={step}: {m}")
+        assert_close(got, expected, **TOL, msg=lambda m, step=step: f"t={step}: {m}")
 
 
 def test_wrong_variance_is_detected():
@@ -79,7 +84,7 @@ def test_full_ancestral_loop_matches_diffusers(variance):
     """1000 steps with a fixed 'network' eps(x, t) = 0.3 tanh(x) + t/T and the same noise (diffusers draws
     its noise from the generator it is given; we draw from an identically seeded one): the chains agree."""
     ours, theirs = _pair(variance, True)
-    fake = lambda x, t: 0.3 * torch.tanh(x) + t.float().view(-1, 1, 1, 1) / T  # noqa: E731
+    fake = lambda x, t: 0.3 * torch.tanh(x) + t.float().view(-1, 1, 1, 1) / T
     x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     y = x.clone()
     for step in range(T - 1, -1, -1):
@@ -99,7 +104,7 @@ def test_ddim_matches_ddim_scheduler(clip, eta):
     theirs.set_timesteps(50)
     steps = ddim_timesteps(T, 50)
     assert steps == theirs.timesteps.tolist() and steps[:2] == [980, 960] and steps[-1] == 0
-    fake = lambda x, t: 0.3 * torch.tanh(x) + t.float().view(-1, 1, 1, 1) / T  # noqa: E731
+    fake = lambda x, t: 0.3 * torch.tanh(x) + t.float().view(-1, 1, 1, 1) / T
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, 4, 4, generator=gen) * 1.5
     y = x.clone()
@@ -175,7 +180,7 @@ def test_training_loss_is_l_simple():
     d = GaussianDiffusion(beta_schedule("linear", T))
     x0 = torch.rand(4, 1, 4, 4) * 2 - 1
     t, noise = torch.tensor([0, 10, 500, 999]), torch.randn(4, 1, 4, 4)
-    model = lambda x, tt: 0.5 * x  # noqa: E731
+    model = lambda x, tt: 0.5 * x
     loss, _ = d.training_loss(model, x0, t, noise)
     x_t = d.q_sample(x0, t, noise)
     assert_close(loss, ((noise - 0.5 * x_t) ** 2).mean())
@@ -185,16 +190,17 @@ def test_vlb_and_bits_per_dim():
     """With the true posterior mean (the ideal 'network' x0 prediction), every KL term vanishes; the stratified
     estimate is unbiased and the exact sum is what it estimates."""
     d = GaussianDiffusion(beta_schedule("linear", 50, 1e-4, 0.2), variance="fixedsmall", prediction="eps")
-    x0 = (torch.randint(0, 256, (3, 1, 4, 4)).float() / 127.5 - 1)
-    oracle = lambda x_t, t: d.predict_eps_from_x0(x_t, t, x0)  # noqa: E731
+    x0 = torch.randint(0, 256, (3, 1, 4, 4)).float() / 127.5 - 1
+    oracle = lambda x_t, t: d.predict_eps_from_x0(x_t, t, x0)
     out = d.bits_per_dim(oracle, x0, generator=torch.Generator().manual_seed(0))
     assert out["kl"].abs().max() < 1e-6
     assert (out["decoder"] > 0).all() and out["decoder"].max() < 8
-    blind = lambda x_t, t: torch.zeros_like(x_t)  # noqa: E731
-    x0 = (torch.randint(0, 256, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)).float() / 127.5 - 1)
+    blind = lambda x_t, t: torch.zeros_like(x_t)
+    x0 = torch.randint(0, 256, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)).float() / 127.5 - 1
     exact = torch.stack([d.bits_per_dim(blind, x0, generator=torch.Generator().manual_seed(s))["kl"] for s in range(30)])
-    estimates = torch.stack([d.bits_per_dim(blind, x0, n_timesteps=9, exact_head=5, generator=torch.Generator().manual_seed(100 + s))["kl"]
-                             for s in range(30)])
+    estimates = torch.stack(
+        [d.bits_per_dim(blind, x0, n_timesteps=9, exact_head=5, generator=torch.Generator().manual_seed(100 + s))["kl"] for s in range(30)]
+    )
     assert (exact.mean(0) > 1).all()
     assert_close(estimates.mean(0), exact.mean(0), rtol=0.1, atol=0)
 

@@ -6,9 +6,9 @@ from diffusers import UNet2DModel
 from torch.testing import assert_close
 
 from axon_shared import EMA, ConfigError
+from axon_shared.training import count_parameters
 from dali_ddpm.config import UNetConfig
 from dali_ddpm.convert import diffusers_unet_kwargs, from_diffusers_state_dict, to_diffusers_state_dict
-from axon_shared.training import count_parameters
 from dali_ddpm.model import UNet
 
 

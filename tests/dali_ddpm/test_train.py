@@ -19,7 +19,9 @@ def test_overfits_a_single_image():
     torch.manual_seed(0)
     images, _ = load_images("digits", "train", 16)
     target = to_model_range(images[:1])  # (1, 1, 16, 16)
-    model = UNet(UNetConfig(in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, image_size=16, num_groups=8))
+    model = UNet(
+        UNetConfig(in_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0, image_size=16, num_groups=8)
+    )
     diffusion = GaussianDiffusion(beta_schedule("linear", 100, 1e-4, 0.2))
 
     def correlations() -> torch.Tensor:
@@ -43,8 +45,23 @@ def test_overfits_a_single_image():
 
 
 def _train(tmp_path, name, max_steps):
-    args = ["train", "--preset", "tiny", "--train.out_dir", str(tmp_path / name), "--train.steps", str(max_steps),
-            "--train.checkpoint_every", "2", "--data.random_flip", "true", "--model.dropout", "0.1", "--train.progress", "false"]
+    args = [
+        "train",
+        "--preset",
+        "tiny",
+        "--train.out_dir",
+        str(tmp_path / name),
+        "--train.steps",
+        str(max_steps),
+        "--train.checkpoint_every",
+        "2",
+        "--data.random_flip",
+        "true",
+        "--model.dropout",
+        "0.1",
+        "--train.progress",
+        "false",
+    ]
     return main(args)
 
 
@@ -79,7 +96,9 @@ def test_cli_rejects_bad_config(tmp_path):
 
 def test_resume_refuses_a_different_model(tmp_path):
     _train(tmp_path, "run", 2)
-    with pytest.raises(SystemExit, match=r"dali-ddpm train: error: .* another model / diffusion config: model\.ch: 32 in the checkpoints, 64 now"):
+    with pytest.raises(
+        SystemExit, match=r"dali-ddpm train: error: .* another model / diffusion config: model\.ch: 32 in the checkpoints, 64 now"
+    ):
         main(["train", "--preset", "tiny", "--train.out_dir", str(tmp_path / "run"), "--model.ch", "64"])
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from axon_shared.checkpoint import checkpoint_path, save_checkpoint
 from axon_shared.tokenizer import train_sentencepiece
 from x_llama import Llama, LlamaConfig
@@ -25,5 +26,11 @@ def tiny_base(tmp_path_factory) -> Path:
     texts = [r["text"] for r in movie_snippets("train")[:3000]]
     tokenizer = train_sentencepiece(texts, run / "tokenizer.model", vocab_size=300, num_threads=1)
     model = tiny_llama(tokenizer.vocab_size)
-    save_checkpoint(checkpoint_path(run / "checkpoints", 1), model=model, step=1, config={"model": model.config.to_dict()}, extra={"tokenizer": "tokenizer.model"})
+    save_checkpoint(
+        checkpoint_path(run / "checkpoints", 1),
+        model=model,
+        step=1,
+        config={"model": model.config.to_dict()},
+        extra={"tokenizer": "tokenizer.model"},
+    )
     return run

@@ -38,7 +38,9 @@ def test_dpo_loss_hand_values():
     assert_close(loss_c, torch.tensor(0.9 * math.log1p(math.exp(-0.5)) + 0.1 * math.log1p(math.exp(0.5))))
     loss_ipo, _, _ = L.dpo_loss(pc, pr, rc, rr, beta=0.25, loss_type="ipo")  # (1 - 1/(2*0.25))^2 = 1
     assert_close(loss_ipo, torch.tensor(1.0))
-    loss_ipo_norm, _, _ = L.dpo_loss(pc, pr, rc, rr, beta=0.25, loss_type="ipo", chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([4]))
+    loss_ipo_norm, _, _ = L.dpo_loss(
+        pc, pr, rc, rr, beta=0.25, loss_type="ipo", chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([4])
+    )
     assert_close(loss_ipo_norm, torch.tensor((0.5 / 2 + 0.5 / 4 - 2.0) ** 2))
     with pytest.raises(ValueError, match="unknown loss_type"):
         L.dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="hinge2")

@@ -3,12 +3,12 @@ pad id change nothing; left-padded generation equals unpadded generation."""
 
 import torch
 from torch.testing import assert_close
-from x_llama import generate
 
 from instructgpt_rlhf.data import collate, make_prompts, sft_examples, strip_after_eos
 from instructgpt_rlhf.dpo import pair_logprobs
 from instructgpt_rlhf.losses import dpo_loss, ppo_policy_loss, sft_loss, token_logprobs
 from instructgpt_rlhf.model import ScalarHeadModel, policy_logits, policy_values
+from x_llama import generate
 
 from .conftest import tiny_llama
 
@@ -123,9 +123,8 @@ def test_left_padded_generation_equals_unpadded():
 
 def test_loss_uses_the_rollout_temperature():
     """The log-probs PPO's loss re-evaluates equal the ones the sampler drew from (same temperature)."""
-    from x_llama import generate as x_generate
-
     from instructgpt_rlhf.rollout import per_token_logprobs
+    from x_llama import generate as x_generate
 
     model = tiny_llama(64, seed=4).eval()
     torch.manual_seed(0)

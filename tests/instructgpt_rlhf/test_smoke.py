@@ -28,8 +28,12 @@ def test_ppo_raises_a_known_reward():
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     value = ScalarHeadModel(policy.config)
     cfg = PPOConfig(
-        kl_coef=0.01, ppo_epochs=2, minibatch_size=8, missing_eos_penalty=0.0,
-        sampling=SamplingConfig(max_new_tokens=6, batch_size=16), train=PPOTrain(batch_size=16, lr=5e-3, grad_clip=1.0),
+        kl_coef=0.01,
+        ppo_epochs=2,
+        minibatch_size=8,
+        missing_eos_penalty=0.0,
+        sampling=SamplingConfig(max_new_tokens=6, batch_size=16),
+        train=PPOTrain(batch_size=16, lr=5e-3, grad_clip=1.0),
     )
     params = list(nn.ModuleList([policy, value]).parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=0.0)
@@ -39,6 +43,7 @@ def test_ppo_raises_a_known_reward():
         torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad()
+
     kl_ctl = AdaptiveKLController(cfg.kl_coef)
     prompts = [[1, 3 + i % 5] for i in range(16)]
     eval_prompts = [[1, 3 + i % 5] for i in range(128)]

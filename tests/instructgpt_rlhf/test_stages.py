@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+
 from axon_shared.checkpoint import load_checkpoint
 from axon_shared.metrics import read_metrics
-
 from instructgpt_rlhf.cli import main
 from instructgpt_rlhf.config import DPOConfig, EvaluateConfig, PPOConfig, RewardConfig, SFTConfig
 from instructgpt_rlhf.dpo import run_dpo
@@ -48,7 +48,7 @@ def test_pipeline_stages_on_real_data(tiny_base, tmp_path):
     assert len(records) == reward_cfg.num_prompts and all(len(r["completions"]) == reward_cfg.k for r in records)
     for r in records:  # pairs agree with the ground truth (no Bradley-Terry noise by default)
         assert all(r["scores"][w] > r["scores"][l] for w, l in r["pairs"])
-    assert -1 <= min(min(r["scores"]) for r in records) and max(max(r["scores"]) for r in records) <= 1
+    assert min(min(r["scores"]) for r in records) >= -1 and max(max(r["scores"]) for r in records) <= 1
     ppo = str(tmp_path / "ppo")
     run_ppo(PPOConfig.from_preset("tiny", sft=sft, reward_model=rm, train={"out_dir": ppo}))
     rows = read_metrics(tmp_path / "ppo" / "metrics.jsonl")

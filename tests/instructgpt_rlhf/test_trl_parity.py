@@ -18,7 +18,28 @@ from instructgpt_rlhf.model import ScalarHeadModel  # noqa: E402
 
 from .conftest import tiny_llama  # noqa: E402
 
-WORDS = "the movie was film plot acting is a not great good bad awful fun boring dull brilliant and but very".split()
+WORDS = [
+    "the",
+    "movie",
+    "was",
+    "film",
+    "plot",
+    "acting",
+    "is",
+    "a",
+    "not",
+    "great",
+    "good",
+    "bad",
+    "awful",
+    "fun",
+    "boring",
+    "dull",
+    "brilliant",
+    "and",
+    "but",
+    "very",
+]
 DATA = [
     {"prompt": "the movie was", "chosen": " great fun", "rejected": " boring"},
     {"prompt": "the plot is a", "chosen": " brilliant film and very good", "rejected": " dull film"},
@@ -39,12 +60,21 @@ def hf_tokenizer():
 
 
 def trainer_args(cls, tmp_path, **kw):
-    return cls(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none", gradient_checkpointing=False, per_device_train_batch_size=len(DATA), **kw)
+    return cls(
+        output_dir=str(tmp_path),
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        gradient_checkpointing=False,
+        per_device_train_batch_size=len(DATA),
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("loss_type,beta", [("sigmoid", 0.1), ("sigmoid", 0.5), ("ipo", 0.3)])
 def test_dpo_loss_equals_trl_dpo_trainer(tmp_path, loss_type, beta):
     from trl import DPOConfig, DPOTrainer
+
     from x_llama.hf import XLlamaForCausalLM
 
     tok = hf_tokenizer()
@@ -77,6 +107,7 @@ def test_dpo_loss_equals_trl_dpo_trainer(tmp_path, loss_type, beta):
 
 def test_reward_model_loss_equals_trl_reward_trainer(tmp_path):
     from trl import RewardConfig, RewardTrainer
+
     from x_llama.hf import XLlamaConfig, XLlamaForSequenceClassification
 
     tok = hf_tokenizer()
@@ -90,7 +121,9 @@ def test_reward_model_loss_equals_trl_reward_trainer(tmp_path):
     with torch.no_grad():
         hf_rm.score.weight.copy_(rm.head.weight)
     data = [{"chosen": d["prompt"] + d["chosen"], "rejected": d["prompt"] + d["rejected"]} for d in DATA]
-    trainer = RewardTrainer(model=hf_rm, args=trainer_args(RewardConfig, tmp_path), train_dataset=datasets.Dataset.from_list(data), processing_class=tok)
+    trainer = RewardTrainer(
+        model=hf_rm, args=trainer_args(RewardConfig, tmp_path), train_dataset=datasets.Dataset.from_list(data), processing_class=tok
+    )
     rows = [trainer.train_dataset[i] for i in range(len(data))]
     batch = trainer.data_collator(rows)
     trainer.model.eval()

@@ -6,16 +6,18 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from toy_run import DATA, fit_toy, toy_config, toy_model
+
 from axon_shared.errors import Interrupted
 from axon_shared.training import Trainer
-from safetensors.torch import save_file
-
-from toy_run import DATA, fit_toy, toy_config, toy_model
 
 
 def weighted(out: Path) -> None:
     """One step, 2 micro-batches per rank of 1, 5, 2 and 8 rows; loss = sum of squared errors, weight = rows."""
-    cfg = toy_config(out / "run", grad_accum=2, steps=1, warmup_steps=0, lr=1e6, eps=1e6, beta1=0.0, beta2=0.0, grad_clip=0.0).replace(model={"dropout": 0.0})
+    cfg = toy_config(out / "run", grad_accum=2, steps=1, warmup_steps=0, lr=1e6, eps=1e6, beta1=0.0, beta2=0.0, grad_clip=0.0).replace(
+        model={"dropout": 0.0}
+    )
     slices = {(0, 0): slice(0, 1), (1, 0): slice(1, 6), (0, 1): slice(6, 8), (1, 1): slice(8, 16)}
     torch.manual_seed(0)
     before = [p.detach().clone() for p in toy_model(cfg.model).parameters()]
@@ -23,11 +25,16 @@ def weighted(out: Path) -> None:
         rank = trainer.ctx.rank
         model = toy_model(cfg.model)
         trainer.fit(
-            model, loss=lambda m, rows: ((m(rows[:, :4]) - rows[:, 4:]).pow(2).sum(), {}),
-            batch=lambda step, micro: DATA[slices[(rank, micro)]], weight=lambda rows: rows.shape[0],
+            model,
+            loss=lambda m, rows: ((m(rows[:, :4]) - rows[:, 4:]).pow(2).sum(), {}),
+            batch=lambda step, micro: DATA[slices[(rank, micro)]],
+            weight=lambda rows: rows.shape[0],
         )
         if rank == 0:
-            save_file({str(i): (p.detach() - b).contiguous() for i, (p, b) in enumerate(zip(model.parameters(), before))}, out / "delta.safetensors")
+            save_file(
+                {str(i): (p.detach() - b).contiguous() for i, (p, b) in enumerate(zip(model.parameters(), before))},
+                out / "delta.safetensors",
+            )
 
 
 def toy(out: Path, signal_at: int | None) -> None:

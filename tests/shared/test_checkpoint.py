@@ -32,7 +32,9 @@ def train(total_steps: int, run_dir, stop_after: int | None = None):
         optimizer.step()
         ema.update(model)
         if stop_after is not None and step + 1 == stop_after:
-            save_checkpoint(checkpoint_path(run_dir, step + 1), model=model, step=step + 1, optimizer=optimizer, ema=ema, config={"lr": 1e-2})
+            save_checkpoint(
+                checkpoint_path(run_dir, step + 1), model=model, step=step + 1, optimizer=optimizer, ema=ema, config={"lr": 1e-2}
+            )
             return None
     return model, optimizer, ema
 

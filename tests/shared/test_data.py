@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
 from axon_shared.data import DataSourceError, data_root, list_datasets, load_meta, load_split, prepare
 from axon_shared.data.cli import main as cli_main
 from axon_shared.data.registry import DATASETS
-from axon_shared.data.sources import SourceFetcher
 
 SPLITS = ("train", "valid", "test")
 

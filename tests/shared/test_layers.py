@@ -82,7 +82,7 @@ def test_attention_matches_torch_multihead_attention():
     expected, _ = mha(x, x, x, key_padding_mask=key_padding)
     w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
     b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
-    split = lambda t: t.view(3, 5, H, E // H).transpose(1, 2)  # noqa: E731
+    split = lambda t: t.view(3, 5, H, E // H).transpose(1, 2)
     q, k, v = split(F.linear(x, w_q, b_q)), split(F.linear(x, w_k, b_k)), split(F.linear(x, w_v, b_v))
     out = attention(q, k, v, mask=~key_padding[:, None, None, :])
     out = mha.out_proj(out.transpose(1, 2).reshape(3, 5, E))

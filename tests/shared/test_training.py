@@ -14,25 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
 from axon_shared.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from axon_shared.errors import AxonError, ConfigMismatchError, Interrupted, RunLockedError
 from axon_shared.metrics import read_metrics
 from axon_shared.progress import RunProgress
 from axon_shared.training import Trainer, batch_indices
-from safetensors.torch import load_file
-from torch.testing import assert_close
 
 from .toy_run import DATA, ToyModel, fit_toy, toy_config, toy_model
 
 WORKER = Path(__file__).with_name("_training_worker.py")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def checkpoint_tensors(run: Path) -> dict:
@@ -136,9 +129,15 @@ def test_evaluation_leaves_training_randomness_alone(tmp_path):
 
 def test_a_second_training_process_on_the_run_is_refused(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from axon_shared.training import RunLock; "
-         "lock = RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)", str(tmp_path / "run")],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from axon_shared.training import RunLock; "
+            "lock = RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(60)",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -155,7 +154,9 @@ def test_resume_with_another_model_config_names_the_fields(tmp_path):
     cfg = toy_config(tmp_path / "run", steps=2)
     fit_toy(cfg)
     saved = (tmp_path / "run" / "config.json").read_text()
-    with pytest.raises(ConfigMismatchError, match=r"model\.dropout: 0\.3 in the checkpoints, 0\.1 now; model\.width: 8 in the checkpoints, 16 now"):
+    with pytest.raises(
+        ConfigMismatchError, match=r"model\.dropout: 0\.3 in the checkpoints, 0\.1 now; model\.width: 8 in the checkpoints, 16 now"
+    ):
         fit_toy(cfg.replace(model={"width": 16, "dropout": 0.1}))
     assert (tmp_path / "run" / "config.json").read_text() == saved  # checked first: nothing was rewritten
     fit_toy(cfg.replace(train={"steps": 3}))  # the train section may change

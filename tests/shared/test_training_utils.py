@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import math
 from typing import ClassVar
 
 import pytest
@@ -148,12 +147,15 @@ def test_cli_shows_the_projects_errors_as_one_line(capsys):
 
         return run
 
-    main = build_cli("demo", {
-        "bad": Command(fail(CheckpointError("ckpt.safetensors: corrupted; delete it")), Inner, "bad"),
-        "full": Command(fail(OSError(errno.ENOSPC, "No space left on device", "/runs/x/step.safetensors")), Inner, "full"),
-        "stop": Command(fail(Interrupted("SIGINT at step 3: saved it", 2, 3)), Inner, "stop"),
-        "bug": Command(fail(ZeroDivisionError("a bug")), Inner, "bug"),
-    })
+    main = build_cli(
+        "demo",
+        {
+            "bad": Command(fail(CheckpointError("ckpt.safetensors: corrupted; delete it")), Inner, "bad"),
+            "full": Command(fail(OSError(errno.ENOSPC, "No space left on device", "/runs/x/step.safetensors")), Inner, "full"),
+            "stop": Command(fail(Interrupted("SIGINT at step 3: saved it", 2, 3)), Inner, "stop"),
+            "bug": Command(fail(ZeroDivisionError("a bug")), Inner, "bug"),
+        },
+    )
     with pytest.raises(SystemExit, match=r"^demo bad: error: ckpt.safetensors: corrupted; delete it \(--debug shows the traceback\)$"):
         main(["bad"])
     with pytest.raises(CheckpointError):

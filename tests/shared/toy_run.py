@@ -7,10 +7,11 @@ import os
 import signal
 
 import torch
+from torch import nn
+
 from axon_shared.config import AxonConfig
 from axon_shared.ema import EMA
 from axon_shared.training import Trainer, TrainSection
-from torch import nn
 
 
 @dataclasses.dataclass
@@ -26,7 +27,18 @@ class ToyConfig(AxonConfig):
 
 
 def toy_config(out_dir, **train) -> ToyConfig:
-    values = dict(out_dir=str(out_dir), steps=6, batch_size=4, lr=1e-2, warmup_steps=2, eval_every=2, checkpoint_every=2, log_every=1, progress=False, keep_last=10)
+    values = dict(
+        out_dir=str(out_dir),
+        steps=6,
+        batch_size=4,
+        lr=1e-2,
+        warmup_steps=2,
+        eval_every=2,
+        checkpoint_every=2,
+        log_every=1,
+        progress=False,
+        keep_last=10,
+    )
     return ToyConfig(train=TrainSection(**{**values, **train}))
 
 

@@ -11,10 +11,37 @@ from transformer.cli import main
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    main(["train", "--preset", "tiny", "--model.vocab_size", "300", "--model.max_len", "48", "--data.train_limit", "300",
-          "--data.valid_limit", "20", "--train.batch_size", "400", "--data.spm_sample", "600", "--train.out_dir", str(out),
-          "--train.steps", "4", "--train.checkpoint_every", "2", "--train.eval_every", "4", "--train.eval_bleu_sentences", "4",
-          "--train.progress", "false"])
+    main(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--model.vocab_size",
+            "300",
+            "--model.max_len",
+            "48",
+            "--data.train_limit",
+            "300",
+            "--data.valid_limit",
+            "20",
+            "--train.batch_size",
+            "400",
+            "--data.spm_sample",
+            "600",
+            "--train.out_dir",
+            str(out),
+            "--train.steps",
+            "4",
+            "--train.checkpoint_every",
+            "2",
+            "--train.eval_every",
+            "4",
+            "--train.eval_bleu_sentences",
+            "4",
+            "--train.progress",
+            "false",
+        ]
+    )
     return out
 
 
@@ -35,7 +62,9 @@ def test_evaluate_prints_signature(run_dir, capsys):
 
 
 def test_translate_positional_text(run_dir, capsys):
-    outputs = main(["translate", "--run_dir", str(run_dir), "--beam_size", "2", "Open the file.", "", "Click 😀 OK.", "--", "--verbose text"])
+    outputs = main(
+        ["translate", "--run_dir", str(run_dir), "--beam_size", "2", "Open the file.", "", "Click 😀 OK.", "--", "--verbose text"]
+    )
     assert len(outputs) == 4 and outputs[1] == ""
     assert capsys.readouterr().out.count("\n") == 4
     with pytest.raises(SystemExit, match="TranslateConfig.alpha=-5.0: must be >= 0"):
@@ -54,12 +83,16 @@ def test_translate_reads_stdin_that_is_not_utf8(run_dir, capsys, monkeypatch):
 def test_runtime_errors_are_one_line(run_dir, tmp_path):
     (tmp_path / "broken" / "checkpoints").mkdir(parents=True)
     (tmp_path / "broken" / "checkpoints" / "step_00000001.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(SystemExit, match=r"^transformer evaluate: error: .*corrupted or truncated checkpoint.*\(--debug shows the traceback\)$"):
+    with pytest.raises(
+        SystemExit, match=r"^transformer evaluate: error: .*corrupted or truncated checkpoint.*\(--debug shows the traceback\)$"
+    ):
         main(["evaluate", "--run_dir", str(tmp_path / "broken")])
     with pytest.raises(SystemExit, match=r"transformer translate: error: .*not a checkpoint of a TransformerConfig model"):
         from axon_shared.checkpoint import save_checkpoint
 
-        save_checkpoint(tmp_path / "other" / "checkpoints" / "step_00000001.safetensors", model=torch.nn.Linear(2, 2), config={"model": {"ch": 3}})
+        save_checkpoint(
+            tmp_path / "other" / "checkpoints" / "step_00000001.safetensors", model=torch.nn.Linear(2, 2), config={"model": {"ch": 3}}
+        )
         main(["translate", "--run_dir", str(tmp_path / "other"), "Hi"])
 
 

@@ -3,13 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from axon_shared.checkpoint import load_checkpoint, save_checkpoint
-from axon_shared.config import ConfigError
 from torch import nn
 from torch.testing import assert_close
 
+from axon_shared.checkpoint import load_checkpoint, save_checkpoint
+from axon_shared.config import ConfigError
 from axon_shared.training import count_parameters
-
 from transformer import FeedForward, Transformer, TransformerConfig
 
 PAD = 3
@@ -70,8 +69,18 @@ def test_padding_invariance():
 def to_torch_transformer(model: Transformer) -> nn.Transformer:
     """An nn.Transformer with the same configuration holding our weights (q, k, v packed into in_proj)."""
     cfg = model.config
-    ref = nn.Transformer(cfg.d_model, cfg.n_heads, cfg.n_encoder_layers, cfg.n_decoder_layers, cfg.d_ff, dropout=0.0,
-                         activation=cfg.activation, layer_norm_eps=cfg.layer_norm_eps, batch_first=True, norm_first=cfg.norm_first)
+    ref = nn.Transformer(
+        cfg.d_model,
+        cfg.n_heads,
+        cfg.n_encoder_layers,
+        cfg.n_decoder_layers,
+        cfg.d_ff,
+        dropout=0.0,
+        activation=cfg.activation,
+        layer_norm_eps=cfg.layer_norm_eps,
+        batch_first=True,
+        norm_first=cfg.norm_first,
+    )
 
     def copy_attention(theirs: nn.MultiheadAttention, ours) -> None:
         theirs.in_proj_weight.copy_(torch.cat([ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight]))
@@ -111,8 +120,14 @@ def test_parity_with_torch_nn_transformer(norm_first):
     with torch.no_grad():
         ours = model(src, tgt)
         src_pad = src == PAD  # nn.Transformer masks are True = "may NOT attend"
-        hidden = ref(model.embed(src), model.embed(tgt), tgt_mask=nn.Transformer.generate_square_subsequent_mask(tgt.shape[1]),
-                     src_key_padding_mask=src_pad, memory_key_padding_mask=src_pad, tgt_is_causal=True)
+        hidden = ref(
+            model.embed(src),
+            model.embed(tgt),
+            tgt_mask=nn.Transformer.generate_square_subsequent_mask(tgt.shape[1]),
+            src_key_padding_mask=src_pad,
+            memory_key_padding_mask=src_pad,
+            tgt_is_causal=True,
+        )
         theirs = hidden @ model.embedding.weight.t()
         memory, _ = model.encode(src)
         ref_memory = ref.encoder(model.embed(src), src_key_padding_mask=src_pad)
@@ -180,6 +195,7 @@ def test_weights_tied_after_load_and_ddp(tmp_path):
     assert fresh.output_weight is fresh.embedding.weight
 
     import torch.distributed as dist
+
     from axon_shared.distributed import DistContext, wrap_model
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
@@ -219,8 +235,13 @@ def test_parameter_counts(preset, expected):
 
 @pytest.mark.parametrize(
     "overrides, field",
-    [(dict(d_model=30, n_heads=4), "d_model"), (dict(dropout=1.5), "dropout"), (dict(pad_id=2), "pad_id"),
-     (dict(vocab_size=0), "vocab_size"), (dict(activation="tanh"), "activation")],
+    [
+        (dict(d_model=30, n_heads=4), "d_model"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(pad_id=2), "pad_id"),
+        (dict(vocab_size=0), "vocab_size"),
+        (dict(activation="tanh"), "activation"),
+    ],
 )
 def test_invalid_config_names_the_field(overrides, field):
     with pytest.raises(ConfigError, match=rf"TransformerConfig\.{field}="):

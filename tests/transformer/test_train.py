@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from axon_shared.checkpoint import average_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
-from axon_shared.training import Trainer
 from torch.testing import assert_close
 
+from axon_shared.checkpoint import average_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from axon_shared.training import Trainer
 from transformer import Transformer, TransformerConfig, greedy_decode, label_smoothed_loss
 from transformer.config import TrainConfig
 from transformer.data import BucketedBatches, Example, collate, length_buckets
@@ -68,17 +68,26 @@ def test_gradient_accumulation_weighs_every_target_token_the_same(tmp_path):
     1e6, one AdamW step moves the parameters by minus the gradient.)"""
     cfg = tiny()
     gen = torch.Generator().manual_seed(1)
-    examples = [Example(torch.randint(4, 30, (n,), generator=gen).tolist() + [2], torch.randint(4, 30, (m,), generator=gen).tolist())
-                for n, m in [(3, 9), (5, 2), (7, 4), (2, 3), (4, 8)]]
+    examples = [
+        Example(torch.randint(4, 30, (n,), generator=gen).tolist() + [2], torch.randint(4, 30, (m,), generator=gen).tolist())
+        for n, m in [(3, 9), (5, 2), (7, 4), (2, 3), (4, 8)]
+    ]
     micro = [collate(examples[:1], cfg), collate(examples[1:], cfg)]
     assert [target_tokens(b, PAD) for b in micro] == [9 + 1, 17 + 4]  # targets + eos
-    run = TrainConfig(model=cfg).replace(train=dict(out_dir=str(tmp_path), steps=1, grad_accum=2, lr=1e6, eps=1e6, beta1=0.0, beta2=0.0, warmup_steps=1, progress=False))
+    run = TrainConfig(model=cfg).replace(
+        train=dict(out_dir=str(tmp_path), steps=1, grad_accum=2, lr=1e6, eps=1e6, beta1=0.0, beta2=0.0, warmup_steps=1, progress=False)
+    )
     torch.manual_seed(0)
     model = Transformer(cfg)
     before = [p.detach().clone() for p in model.parameters()]
     with Trainer(run.train, run, name="test") as trainer:
-        trainer.fit(model, loss=lambda m, b: token_loss(m, b, cfg), batch=lambda step, i: micro[i], weight=lambda b: target_tokens(b, PAD),
-                    schedule=lambda step: 1e6)
+        trainer.fit(
+            model,
+            loss=lambda m, b: token_loss(m, b, cfg),
+            batch=lambda step, i: micro[i],
+            weight=lambda b: target_tokens(b, PAD),
+            schedule=lambda step: 1e6,
+        )
     torch.manual_seed(0)
     reference = Transformer(cfg)
     together = collate(examples, cfg)
@@ -166,8 +175,17 @@ def run_config(out_dir, steps):
         "tiny",
         model=dict(vocab_size=300, max_len=48),
         data=dict(train_limit=300, valid_limit=30, spm_sample=600),
-        train=dict(out_dir=str(out_dir), batch_size=400, steps=steps, checkpoint_every=3, eval_every=3, eval_bleu_sentences=5, log_every=1,
-                   warmup_steps=10, progress=False),
+        train=dict(
+            out_dir=str(out_dir),
+            batch_size=400,
+            steps=steps,
+            checkpoint_every=3,
+            eval_every=3,
+            eval_bleu_sentences=5,
+            log_every=1,
+            warmup_steps=10,
+            progress=False,
+        ),
     )
 
 
@@ -189,7 +207,6 @@ def test_exact_resume(tmp_path):
 
 def test_translator_bad_input(tmp_path):
     from axon_shared.tokenizer import train_sentencepiece
-
     from transformer.inference import Translator
 
     texts = ["the cat sits on the mat", "der Hund liegt auf dem Teppich", "a table of contents", "ein Inhaltsverzeichnis"] * 20

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-from axon_shared.training import Trainer
 
+from axon_shared.training import Trainer
 from x_llama import Llama, TrainConfig, lm_loss
 
 
@@ -27,9 +27,21 @@ def local_bytes(tensors) -> int:
 def main(mode: str, out: Path) -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cfg = TrainConfig.from_preset(
-        "tiny", model={"n_layers": 4, "max_seq_len": 32}, data={"seq_len": 16},
-        train={"out_dir": str(out / mode), "steps": 3, "batch_size": 8 // world, "fsdp": mode == "fsdp", "lr": 1e-2, "warmup_steps": 0,
-               "eval_every": 100, "checkpoint_every": 100, "log_every": 1, "progress": False},
+        "tiny",
+        model={"n_layers": 4, "max_seq_len": 32},
+        data={"seq_len": 16},
+        train={
+            "out_dir": str(out / mode),
+            "steps": 3,
+            "batch_size": 8 // world,
+            "fsdp": mode == "fsdp",
+            "lr": 1e-2,
+            "warmup_steps": 0,
+            "eval_every": 100,
+            "checkpoint_every": 100,
+            "log_every": 1,
+            "progress": False,
+        },
     )
     tokens = torch.randint(0, cfg.model.vocab_size, (3, 8, 17), generator=torch.Generator().manual_seed(0))  # (step, row, T+1)
     measured = {}
@@ -52,11 +64,15 @@ def main(mode: str, out: Path) -> None:
         model.layers[0].register_forward_pre_hook(while_first_block_runs)
         rows = slice(rank * cfg.train.batch_size, (rank + 1) * cfg.train.batch_size)
         result = trainer.fit(
-            model, loss=lambda m, b: (lm_loss(m(b[:, :-1]), b[:, 1:]), {}), batch=lambda step, micro: tokens[step, rows],
+            model,
+            loss=lambda m, b: (lm_loss(m(b[:, :-1]), b[:, 1:]), {}),
+            batch=lambda step, micro: tokens[step, rows],
             blocks=model.layers,
         )
     if rank == 0:
-        losses = [row["train/loss"] for row in map(json.loads, (out / mode / "metrics.jsonl").read_text().splitlines()) if "train/loss" in row]
+        losses = [
+            row["train/loss"] for row in map(json.loads, (out / mode / "metrics.jsonl").read_text().splitlines()) if "train/loss" in row
+        ]
         (out / f"{mode}.json").write_text(json.dumps({"losses": losses, "bytes": measured, "step": result["step"]}))
 
 

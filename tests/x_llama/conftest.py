@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from x_llama import LlamaConfig, Llama
+from x_llama import Llama, LlamaConfig
 
 
 @pytest.fixture
@@ -28,12 +28,3 @@ def tokenizer_path(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
     build_tokenizer(DataConfig(tokenizer_chars=300_000), 512, out)
     return out / "tokenizer.model"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the 2-core machine is shared); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from axon_shared.config import ConfigError
 
+from axon_shared.config import ConfigError
 from x_llama import Llama, LlamaConfig, TrainConfig
 from x_llama.config import ffn_hidden_dim
 

@@ -16,13 +16,20 @@ from x_llama.rope import permute_for_half
 def random_hf_llama(n_kv_heads: int, seed: int = 0) -> transformers.LlamaForCausalLM:
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=101, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=n_kv_heads, max_position_embeddings=64, rms_norm_eps=1e-5,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, attn_implementation="eager",
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        attn_implementation="eager",
     )
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # HF initialises norms to 1; randomise them too so a swapped norm would show
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.ndim == 1:
                 parameter.uniform_(0.5, 1.5)
     return model
@@ -82,7 +89,7 @@ def test_greedy_generation_matches_hf(tiny_model):
     prompt = [1, 5, 9, 14]
     ours = generate(tiny_model, [prompt], 12)[0]
     theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert ours == theirs[0, len(prompt):].tolist()
+    assert ours == theirs[0, len(prompt) :].tolist()
 
 
 def test_meta_layout_round_trip(tmp_path):

@@ -7,8 +7,14 @@ import torch
 from torch.testing import assert_close
 
 from x_llama.rope import (
-    apply_rotary, apply_rotary_complex, apply_rotary_half, interleaved_tables, meta_to_half_permutation,
-    permute_for_half, permute_for_interleaved, rope_cos_sin,
+    apply_rotary,
+    apply_rotary_complex,
+    apply_rotary_half,
+    interleaved_tables,
+    meta_to_half_permutation,
+    permute_for_half,
+    permute_for_interleaved,
+    rope_cos_sin,
 )
 
 

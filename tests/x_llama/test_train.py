@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from axon_shared.checkpoint import latest_checkpoint, load_checkpoint
 from torch.testing import assert_close
 
+from axon_shared.checkpoint import latest_checkpoint, load_checkpoint
+from axon_shared.training import decay_groups
 from x_llama import Llama, LlamaConfig, TrainConfig, generate, lm_loss, load_pretrained
 from x_llama.cli import main
-from axon_shared.training import decay_groups
 from x_llama.train import train
 
 
@@ -20,8 +20,18 @@ def small_train_config(out_dir, tokenizer_path, **train_overrides) -> TrainConfi
         "tiny",
         model={"n_layers": 1, "max_seq_len": 32},
         data={"seq_len": 16, "tokenizer": str(tokenizer_path), "max_train_chars": 200_000, "max_valid_chars": 20_000},
-        train={"out_dir": str(out_dir), "batch_size": 4, "warmup_steps": 2, "eval_every": 3, "eval_batches": 2, "checkpoint_every": 3,
-               "log_every": 1, "progress": False, "keep_last": 5, **train_overrides},
+        train={
+            "out_dir": str(out_dir),
+            "batch_size": 4,
+            "warmup_steps": 2,
+            "eval_every": 3,
+            "eval_batches": 2,
+            "checkpoint_every": 3,
+            "log_every": 1,
+            "progress": False,
+            "keep_last": 5,
+            **train_overrides,
+        },
     )
 
 
@@ -123,9 +133,33 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_config):
 
 def test_cli_train_generate_evaluate(tmp_path, tokenizer_path, capsys):
     out = tmp_path / "cli"
-    main(["train", "--preset", "tiny", "--model.n_layers", "1", "--data.seq_len", "16", "--train.batch_size", "4",
-          "--data.tokenizer", str(tokenizer_path), "--data.max_train_chars", "100000", "--data.max_valid_chars", "20000",
-          "--train.steps", "2", "--train.eval_batches", "1", "--train.progress", "false", "--train.out_dir", str(out)])
+    main(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--model.n_layers",
+            "1",
+            "--data.seq_len",
+            "16",
+            "--train.batch_size",
+            "4",
+            "--data.tokenizer",
+            str(tokenizer_path),
+            "--data.max_train_chars",
+            "100000",
+            "--data.max_valid_chars",
+            "20000",
+            "--train.steps",
+            "2",
+            "--train.eval_batches",
+            "1",
+            "--train.progress",
+            "false",
+            "--train.out_dir",
+            str(out),
+        ]
+    )
     assert latest_checkpoint(out / "checkpoints") is not None
     main(["generate", "--checkpoint", str(out), "--prompt", "In the beginning", "--max_new_tokens", "5"])
     assert capsys.readouterr().out.startswith("In the beginning")
@@ -147,7 +181,9 @@ def test_demo_writes_a_report_fragment(tmp_path, tokenizer_path, monkeypatch):
     """`x-llama demo` (with a 4-step run standing in for the 3-minute one) writes REPORT.md for `make demo`."""
     import x_llama.train as x_llama_train
 
-    monkeypatch.setattr(x_llama_train, "train", lambda cfg: train(small_train_config(cfg.train.out_dir, tokenizer_path, steps=4, eval_every=2)))
+    monkeypatch.setattr(
+        x_llama_train, "train", lambda cfg: train(small_train_config(cfg.train.out_dir, tokenizer_path, steps=4, eval_every=2))
+    )
     out = tmp_path / "demo" / "x_llama"
     main(["demo", "--out_dir", str(out)])
     report = (out / "REPORT.md").read_text()

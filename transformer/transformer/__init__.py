@@ -6,6 +6,16 @@ from .loss import label_smoothed_loss
 from .model import FeedForward, MultiHeadAttention, Transformer
 
 __all__ = [
-    "DataConfig", "FeedForward", "Hypothesis", "MultiHeadAttention", "TrainConfig", "TrainSection", "Transformer", "TransformerConfig",
-    "beam_search", "greedy_decode", "label_smoothed_loss", "length_penalty",
+    "DataConfig",
+    "FeedForward",
+    "Hypothesis",
+    "MultiHeadAttention",
+    "TrainConfig",
+    "TrainSection",
+    "Transformer",
+    "TransformerConfig",
+    "beam_search",
+    "greedy_decode",
+    "label_smoothed_loss",
+    "length_penalty",
 ]

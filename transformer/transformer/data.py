@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
+
 from axon_shared.data import load_split
 from axon_shared.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
-from torch import Tensor
 
 from .config import DataConfig, TransformerConfig
 
@@ -40,8 +41,17 @@ def build_tokenizer(pairs: list[Pair], path: Path, model: TransformerConfig, sam
     if not path.is_file():
         texts = [text for pair in pairs for text in pair]
         random.Random(seed).shuffle(texts)
-        train_sentencepiece(texts[:sample], path, vocab_size=model.vocab_size, model_type="bpe",
-                            unk_id=0, bos_id=model.bos_id, eos_id=model.eos_id, pad_id=model.pad_id, num_threads=1)
+        train_sentencepiece(
+            texts[:sample],
+            path,
+            vocab_size=model.vocab_size,
+            model_type="bpe",
+            unk_id=0,
+            bos_id=model.bos_id,
+            eos_id=model.eos_id,
+            pad_id=model.pad_id,
+            num_threads=1,
+        )
     tokenizer = load_tokenizer(path)
     check_tokenizer(tokenizer, model)
     return tokenizer

@@ -47,8 +47,9 @@ def _force_eos(scores: Tensor, rows: Tensor, eos_id: int) -> Tensor:
 
 
 @torch.no_grad()
-def greedy_decode(model: Transformer, src: Tensor, max_len: int | None = None, *, max_len_a: float = 1.0, max_len_b: int = 50,
-                  min_len: int = 0) -> list[list[int]]:
+def greedy_decode(
+    model: Transformer, src: Tensor, max_len: int | None = None, *, max_len_a: float = 1.0, max_len_b: int = 50, min_len: int = 0
+) -> list[list[int]]:
     """argmax decoding: src (B, S) right-padded -> B token lists (no bos/eos); eos is banned before min_len tokens."""
     cfg = model.config
     memory, src_mask = model.encode(src)
@@ -125,7 +126,9 @@ def beam_search(
             logp[:, cfg.eos_id] = float("-inf")
         logp = _force_eos(logp, at_limit, cfg.eos_id)
         vocab = logp.shape[-1]
-        cand = rearrange(alive_logp[:, :, None] + rearrange(logp, "(n k) v -> n k v", k=k), "n k v -> n (k v)")  # every beam's every next token
+        cand = rearrange(
+            alive_logp[:, :, None] + rearrange(logp, "(n k) v -> n k v", k=k), "n k v -> n (k v)"
+        )  # every beam's every next token
         top_logp, top_idx = cand.topk(min(2 * k, k * vocab), dim=-1)  # (n, 2K)
         origin, token = top_idx // vocab, top_idx % vocab
         cand_seq = torch.cat([alive_seq.gather(1, origin[:, :, None].expand(-1, -1, t)), token[:, :, None]], dim=2)  # (n, 2K, t+1)

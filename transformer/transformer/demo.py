@@ -21,8 +21,17 @@ def demo_config(cfg: DemoConfig) -> TrainConfig:
         model=dict(vocab_size=4000, d_model=128, n_heads=4, n_encoder_layers=2, n_decoder_layers=2, d_ff=512, dropout=0.0, max_len=128),
         data=dict(spm_sample=20_000),
         # peak lr 1.06e-3 = 0.15 * (128 * 100)^-0.5; about 120 steps a minute on 2 cores
-        train=dict(out_dir=cfg.out_dir, batch_size=1500, max_minutes=cfg.max_minutes, warmup_steps=100, lr=1.0607e-3, eval_every=125,
-                   checkpoint_every=100_000, eval_bleu_sentences=100, log_every=10),
+        train=dict(
+            out_dir=cfg.out_dir,
+            batch_size=1500,
+            max_minutes=cfg.max_minutes,
+            warmup_steps=100,
+            lr=1.0607e-3,
+            eval_every=125,
+            checkpoint_every=100_000,
+            eval_bleu_sentences=100,
+            log_every=10,
+        ),
     )
 
 
@@ -56,13 +65,18 @@ def run_demo(cfg: DemoConfig) -> Path:
         "",
         "| English | reference | ours |",
         "|---|---|---|",
-        *["| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in row) + " |" for row in zip(sources[:5], references[:5], examples)],
+        *[
+            "| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in row) + " |"
+            for row in zip(sources[:5], references[:5], examples)
+        ],
         "",
         f"Demo wall time {time.time() - start:.0f} s. The 30-minute `cpu`-preset result (test BLEU 25+) is in `transformer/README.md`.",
         "",
     ]
     report = out_dir / "REPORT.md"
     report.write_text("\n".join(lines))
-    (out_dir / "demo.json").write_text(json.dumps({"greedy_bleu": greedy_bleu, "signature": signature, "examples": examples}, ensure_ascii=False, indent=2))
+    (out_dir / "demo.json").write_text(
+        json.dumps({"greedy_bleu": greedy_bleu, "signature": signature, "examples": examples}, ensure_ascii=False, indent=2)
+    )
     print(report.read_text())
     return report

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import sacrebleu
 import torch
+
 from axon_shared.checkpoint import average_checkpoints, load_checkpoint, load_model_state, run_checkpoints
 from axon_shared.tokenizer import Tokenizer, load_tokenizer
 
@@ -19,7 +20,9 @@ from .model import Transformer
 TOKENIZER_FILE = "spm.model"
 
 
-def load_model(run_dir: str | Path, checkpoint: str = "", average_last: int = 1, device: str = "cpu") -> tuple[Transformer, Tokenizer, TrainConfig]:
+def load_model(
+    run_dir: str | Path, checkpoint: str = "", average_last: int = 1, device: str = "cpu"
+) -> tuple[Transformer, Tokenizer, TrainConfig]:
     """The model of a run (eval mode) with its tokenizer and config. checkpoint="" takes the latest;
     average_last=N > 1 loads the element-wise mean of the last N checkpoints instead (section 6.1)."""
     run_dir, paths = run_checkpoints(checkpoint or run_dir, last=average_last)
@@ -104,8 +107,13 @@ def evaluate_command(cfg) -> dict:
         pairs = pairs[: cfg.limit]
     sources, references = [s for s, _ in pairs], [t for _, t in pairs]
     translator = Translator(model, tokenizer)
-    result: dict = {"split": cfg.split, "sentences": len(pairs), "corpora": list(train_cfg.data.corpora),
-                    "direction": f"{train_cfg.data.src_lang}->{train_cfg.data.tgt_lang}", "average_last": cfg.average_last}
+    result: dict = {
+        "split": cfg.split,
+        "sentences": len(pairs),
+        "corpora": list(train_cfg.data.corpora),
+        "direction": f"{train_cfg.data.src_lang}->{train_cfg.data.tgt_lang}",
+        "average_last": cfg.average_last,
+    }
     modes = ([("greedy", 1)] if cfg.greedy else []) + ([(f"beam{cfg.beam_size}", cfg.beam_size)] if cfg.beam_size > 1 else [])
     for name, beam in modes:
         start = time.time()

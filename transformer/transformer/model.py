@@ -13,9 +13,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-from axon_shared.layers import attention, padding_mask, sinusoidal_embedding
 from einops import rearrange
 from torch import Tensor, nn
+
+from axon_shared.layers import attention, padding_mask, sinusoidal_embedding
 
 from .config import TransformerConfig
 
@@ -108,9 +109,9 @@ class DecoderCache:
     src_mask: Tensor  # (B, 1, 1, S)
     length: int = 0  # tokens decoded so far = position of the next token
 
-    def select(self, index: Tensor, *, cross: bool = True) -> "DecoderCache":
+    def select(self, index: Tensor, *, cross: bool = True) -> DecoderCache:
         """Keep / reorder batch rows (beam search reorders hypotheses; finished sentences are dropped)."""
-        pick = lambda kv: (kv[0].index_select(0, index), kv[1].index_select(0, index))  # noqa: E731
+        pick = lambda kv: (kv[0].index_select(0, index), kv[1].index_select(0, index))
         return DecoderCache(
             self_kv=[None if kv is None else pick(kv) for kv in self.self_kv],
             cross_kv=[pick(kv) for kv in self.cross_kv] if cross else self.cross_kv,
@@ -199,7 +200,9 @@ class Transformer(nn.Module):
                 f"sequence of {offset + length} tokens exceeds max_len={self.config.max_len}; truncate the input "
                 f"(translate/evaluate do) or build the model with a larger --model.max_len"
             )
-        x = self.embedding(tokens) * math.sqrt(self.config.d_model) + self.positions[offset : offset + length].to(self.embedding.weight.dtype)
+        x = self.embedding(tokens) * math.sqrt(self.config.d_model) + self.positions[offset : offset + length].to(
+            self.embedding.weight.dtype
+        )
         return self.dropout(x)
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,8 +12,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-from axon_shared.training import Trainer, count_parameters
 from torch import Tensor
+
+from axon_shared.training import Trainer, count_parameters
 
 from .config import TrainConfig, TransformerConfig
 from .data import BucketedBatches, Example, build_tokenizer, collate, encode_pairs, load_pairs, pad
@@ -57,7 +58,9 @@ def target_tokens(batch: tuple[Tensor, Tensor, Tensor], pad_id: int) -> int:
 
 
 @torch.no_grad()
-def validate(model: Transformer, examples: list[Example], tokenizer, references: list[str], *, max_tokens: int, bleu_sentences: int) -> dict[str, float]:
+def validate(
+    model: Transformer, examples: list[Example], tokenizer, references: list[str], *, max_tokens: int, bleu_sentences: int
+) -> dict[str, float]:
     """Validation loss (plain NLL and label-smoothed, per target token) on all examples, greedy BLEU on a sample."""
     cfg = model.config
     device = model.embedding.weight.device
@@ -98,21 +101,34 @@ def train(config: TrainConfig) -> dict[str, float]:
         batches = BucketedBatches(train_examples, tc.batch_size, tc.seed, rank=trainer.ctx.rank, world_size=trainer.ctx.world_size)
         model = Transformer(mc)
         if trainer.is_main:
-            print(f"transformer: {count_parameters(model):,} parameters; {len(train_examples):,} training pairs "
-                  f"({len(train_pairs) - len(train_examples)} longer than max_len dropped), {batches.per_epoch:,} micro-batches "
-                  f"per epoch and rank; {'resuming at step ' + str(trainer.start_step) if trainer.start_step else 'new run'} in {trainer.out_dir}")
+            print(
+                f"transformer: {count_parameters(model):,} parameters; {len(train_examples):,} training pairs "
+                f"({len(train_pairs) - len(train_examples)} longer than max_len dropped), {batches.per_epoch:,} micro-batches "
+                f"per epoch and rank; {'resuming at step ' + str(trainer.start_step) if trainer.start_step else 'new run'} in {trainer.out_dir}"
+            )
 
         def batch(step: int, micro: int) -> tuple[Tensor, Tensor, Tensor]:
             return tuple(t.to(trainer.device) for t in collate(batches(step * tc.grad_accum + micro), mc))
 
         def evaluate(model: Transformer, step: int) -> dict[str, float]:
-            return validate(model, valid_examples, tokenizer, [t for _, t in valid_pairs], max_tokens=tc.batch_size * 2,
-                            bleu_sentences=tc.eval_bleu_sentences)
+            return validate(
+                model,
+                valid_examples,
+                tokenizer,
+                [t for _, t in valid_pairs],
+                max_tokens=tc.batch_size * 2,
+                bleu_sentences=tc.eval_bleu_sentences,
+            )
 
         schedule = NoamSchedule.with_peak(mc.d_model, tc.warmup_steps, tc.lr)
         return trainer.fit(
-            model, loss=lambda model, b: token_loss(model, b, mc), batch=batch, evaluate=evaluate, schedule=lambda step: schedule(step + 1),
-            weight=lambda b: target_tokens(b, mc.pad_id), count=lambda b: target_tokens(b, mc.pad_id), unit="tokens",
+            model,
+            loss=lambda model, b: token_loss(model, b, mc),
+            batch=batch,
+            evaluate=evaluate,
+            schedule=lambda step: schedule(step + 1),
+            weight=lambda b: target_tokens(b, mc.pad_id),
+            count=lambda b: target_tokens(b, mc.pad_id),
+            unit="tokens",
             plots={"loss.png": ("train/nll", "valid/nll"), "bleu.png": ("valid/bleu",), "lr.png": ("lr", "tokens_per_s")},
         )
-

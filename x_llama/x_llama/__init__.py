@@ -14,6 +14,18 @@ def load_pretrained(path, device="cpu"):
 
 
 __all__ = [
-    "DataConfig", "Generation", "KVCache", "Llama", "LlamaConfig", "RMSNorm", "SwiGLU", "TrainConfig", "TrainSection",
-    "generate", "lm_loss", "load_pretrained", "sample_next", "stream_generate",
+    "DataConfig",
+    "Generation",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "RMSNorm",
+    "SwiGLU",
+    "TrainConfig",
+    "TrainSection",
+    "generate",
+    "lm_loss",
+    "load_pretrained",
+    "sample_next",
+    "stream_generate",
 ]

@@ -5,10 +5,21 @@ from axon_shared.cli import Command, build_cli
 main = build_cli(
     "x-llama",
     {
-        "train": Command("x_llama.train:train", "x_llama.config:TrainConfig", "pretrain Llama 2 on en-text (resumes from the latest checkpoint in --train.out_dir)", default_preset="cpu"),
-        "generate": Command("x_llama.generation:generate_command", "x_llama.config:GenerateConfig", "stream a continuation of --prompt (or stdin) from a checkpoint"),
+        "train": Command(
+            "x_llama.train:train",
+            "x_llama.config:TrainConfig",
+            "pretrain Llama 2 on en-text (resumes from the latest checkpoint in --train.out_dir)",
+            default_preset="cpu",
+        ),
+        "generate": Command(
+            "x_llama.generation:generate_command",
+            "x_llama.config:GenerateConfig",
+            "stream a continuation of --prompt (or stdin) from a checkpoint",
+        ),
         "evaluate": Command("x_llama.train:evaluate_command", "x_llama.config:EvaluateConfig", "perplexity of a checkpoint on en-text"),
-        "demo": Command("x_llama.demo:run_demo", "x_llama.config:DemoConfig", "<= 4 minute pretraining run writing runs/demo/x_llama/REPORT.md"),
+        "demo": Command(
+            "x_llama.demo:run_demo", "x_llama.config:DemoConfig", "<= 4 minute pretraining run writing runs/demo/x_llama/REPORT.md"
+        ),
     },
     description="x_llama: Llama 2 from scratch (RoPE, GQA, KV cache)",
 )

@@ -47,8 +47,14 @@ class LlamaConfig(AxonConfig):
         "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, max_seq_len=4096),
         "llama2-13b": dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, max_seq_len=4096),
         "llama2-70b": dict(
-            dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096,
-            vocab_size=32000, max_seq_len=4096,
+            dim=8192,
+            n_layers=80,
+            n_heads=64,
+            n_kv_heads=8,
+            ffn_dim_multiplier=1.3,
+            multiple_of=4096,
+            vocab_size=32000,
+            max_seq_len=4096,
         ),
         # CPU sizes (ours): "cpu" for the real pretraining run, "tiny" for unit tests.
         "cpu": dict(dim=256, n_layers=6, n_heads=8, n_kv_heads=2, multiple_of=64, vocab_size=4096, max_seq_len=256),
@@ -59,13 +65,17 @@ class LlamaConfig(AxonConfig):
         require_positive(self, "vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len", "norm_eps", "rope_theta")
         require(self.dim % self.n_heads == 0, self, "dim", f"must be divisible by n_heads={self.n_heads}")
         require(
-            (self.dim // self.n_heads) % 2 == 0, self, "dim",
+            (self.dim // self.n_heads) % 2 == 0,
+            self,
+            "dim",
             f"head dim dim/n_heads={self.dim // self.n_heads} must be even (RoPE rotates pairs of dimensions)",
         )
         if self.n_kv_heads is not None:
             require(self.n_kv_heads > 0, self, "n_kv_heads", "must be > 0 (or null for n_heads)")
             require(
-                self.n_heads % self.n_kv_heads == 0, self, "n_kv_heads",
+                self.n_heads % self.n_kv_heads == 0,
+                self,
+                "n_kv_heads",
                 f"n_heads={self.n_heads} must be divisible by n_kv_heads (each kv head serves a group of query heads)",
             )
         if self.ffn_dim_multiplier is not None:
@@ -152,7 +162,13 @@ class TrainConfig(AxonConfig):
             model=_CPU_MODEL,
             data=dict(seq_len=256, tokenizer_chars=4_000_000),
             train=dict(
-                out_dir="runs/x_llama/cpu", batch_size=16, lr=1.5e-3, warmup_steps=50, steps=380, eval_every=50, eval_batches=10,
+                out_dir="runs/x_llama/cpu",
+                batch_size=16,
+                lr=1.5e-3,
+                warmup_steps=50,
+                steps=380,
+                eval_every=50,
+                eval_batches=10,
                 checkpoint_every=50,
             ),
         ),
@@ -161,8 +177,15 @@ class TrainConfig(AxonConfig):
             model=_TINY_MODEL,
             data=dict(seq_len=64, tokenizer_chars=600_000, max_train_chars=1_500_000, max_valid_chars=100_000),
             train=dict(
-                out_dir="runs/x_llama/tiny", batch_size=16, lr=3e-3, warmup_steps=20, steps=200, eval_every=100, eval_batches=5,
-                checkpoint_every=100, log_every=10,
+                out_dir="runs/x_llama/tiny",
+                batch_size=16,
+                lr=3e-3,
+                warmup_steps=20,
+                steps=200,
+                eval_every=100,
+                eval_batches=5,
+                checkpoint_every=100,
+                log_every=10,
             ),
         ),
         # `make demo` (<= 4 minutes).
@@ -170,15 +193,24 @@ class TrainConfig(AxonConfig):
             model=dict(_CPU_MODEL, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=2048),
             data=dict(seq_len=128, tokenizer_chars=2_000_000, max_train_chars=6_000_000, max_valid_chars=300_000),
             train=dict(
-                out_dir="runs/demo/x_llama", batch_size=16, lr=2e-3, warmup_steps=30, steps=320, max_minutes=3.0, eval_every=80,
-                eval_batches=10, checkpoint_every=80,
+                out_dir="runs/demo/x_llama",
+                batch_size=16,
+                lr=2e-3,
+                warmup_steps=30,
+                steps=320,
+                max_minutes=3.0,
+                eval_every=80,
+                eval_batches=10,
+                checkpoint_every=80,
             ),
         ),
     }
 
     def validate(self) -> None:
         require(
-            self.data.seq_len <= self.model.max_seq_len, self, "data",
+            self.data.seq_len <= self.model.max_seq_len,
+            self,
+            "data",
             f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
         )
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from axon_shared.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 from torch import Tensor
+
+from axon_shared.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
 
 from .config import DataConfig
 
@@ -59,8 +60,14 @@ def build_tokenizer(config: DataConfig, vocab_size: int, out_dir: Path) -> Token
     else:
         documents = load_documents(config.dataset, "train")
         tokenizer = train_sentencepiece(
-            tokenizer_sentences(documents, config.tokenizer_chars), out_dir / "tokenizer.model",
-            vocab_size=vocab_size, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1,
+            tokenizer_sentences(documents, config.tokenizer_chars),
+            out_dir / "tokenizer.model",
+            vocab_size=vocab_size,
+            bos_id=1,
+            eos_id=2,
+            unk_id=0,
+            pad_id=-1,
+            num_threads=1,
         )
     if tokenizer.vocab_size != vocab_size:
         raise ValueError(

@@ -40,7 +40,9 @@ def run_demo(cfg: DemoConfig, train=None) -> Path:
     for val in val_rows:
         row = max((r for r in train_rows if r["step"] <= val["step"]), key=lambda r: r["step"], default=None)
         if row is not None:
-            lines.append(f"| {val['step']} | {row['tokens']:,} | {row['train/loss']:.3f} | {val['valid/ppl']:.1f} | {row['tokens_per_s']:.0f} |")
+            lines.append(
+                f"| {val['step']} | {row['tokens']:,} | {row['train/loss']:.3f} | {val['valid/ppl']:.1f} | {row['tokens_per_s']:.0f} |"
+            )
     lines += [
         "",
         f"Validation perplexity per token of a {model.vocab_size}-piece BPE vocabulary (fixed windows of the held-out en-text "

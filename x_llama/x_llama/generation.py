@@ -202,13 +202,20 @@ def generate_command(cfg) -> str:
     new: list[int] = []
     shown = prefix
     for token in stream_generate(
-        model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=tokenizer.eos_id,
-        use_cache=cfg.use_cache, generator=generator,
+        model,
+        ids,
+        cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        eos_id=tokenizer.eos_id,
+        use_cache=cfg.use_cache,
+        generator=generator,
     ):
         new.append(token)
         text = tokenizer.decode(ids + new)  # decode prompt + continuation: pieces join with the right spaces
-        sys.stdout.write(text[len(shown):])
+        sys.stdout.write(text[len(shown) :])
         sys.stdout.flush()
         shown = text
     sys.stdout.write("\n")
-    return shown[len(prefix):]
+    return shown[len(prefix) :]

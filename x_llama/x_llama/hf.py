@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,11 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     GenerationMixin,
+    LlamaForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
 )
 from transformers import LlamaConfig as HFLlamaConfig
-from transformers import LlamaForCausalLM
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
 
 from .config import LlamaConfig, ffn_hidden_dim
@@ -54,10 +55,16 @@ def config_from_hf(hf_config: HFLlamaConfig) -> LlamaConfig:
     base = int(2 * 4 * dim / 3)
     multiplier = None if base <= hidden else hidden / base
     config = LlamaConfig(
-        vocab_size=hf_config.vocab_size, dim=dim, n_layers=hf_config.num_hidden_layers,
-        n_heads=hf_config.num_attention_heads, n_kv_heads=hf_config.num_key_value_heads,
-        multiple_of=hidden, ffn_dim_multiplier=multiplier, norm_eps=hf_config.rms_norm_eps,
-        rope_theta=float(theta), max_seq_len=hf_config.max_position_embeddings,
+        vocab_size=hf_config.vocab_size,
+        dim=dim,
+        n_layers=hf_config.num_hidden_layers,
+        n_heads=hf_config.num_attention_heads,
+        n_kv_heads=hf_config.num_key_value_heads,
+        multiple_of=hidden,
+        ffn_dim_multiplier=multiplier,
+        norm_eps=hf_config.rms_norm_eps,
+        rope_theta=float(theta),
+        max_seq_len=hf_config.max_position_embeddings,
         init_std=getattr(hf_config, "initializer_range", 0.02),
     )
     assert ffn_hidden_dim(config.dim, config.multiple_of, config.ffn_dim_multiplier) == hidden
@@ -66,11 +73,22 @@ def config_from_hf(hf_config: HFLlamaConfig) -> LlamaConfig:
 
 def config_to_hf(config: LlamaConfig, **kwargs: Any) -> HFLlamaConfig:
     return HFLlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
-        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.kv_heads,
-        head_dim=config.head_dim, rms_norm_eps=config.norm_eps, max_position_embeddings=config.max_seq_len,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta}, tie_word_embeddings=False,
-        attention_bias=False, mlp_bias=False, initializer_range=config.init_std, bos_token_id=1, eos_token_id=2,
+        vocab_size=config.vocab_size,
+        hidden_size=config.dim,
+        intermediate_size=config.hidden_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.kv_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.norm_eps,
+        max_position_embeddings=config.max_seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        initializer_range=config.init_std,
+        bos_token_id=1,
+        eos_token_id=2,
         **kwargs,
     )
 
@@ -141,7 +159,16 @@ def to_hf(model: Llama, attn_implementation: str = "eager") -> LlamaForCausalLM:
 # Axis along which Meta's model-parallel shards split each tensor (fairscale Column/RowParallelLinear,
 # ParallelEmbedding); None = replicated (the norms).
 _META_SPLIT_AXIS = {
-    "tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w3": 0, "w2": 1, "norm": None,
+    "tok_embeddings": 1,
+    "output": 0,
+    "wq": 0,
+    "wk": 0,
+    "wv": 0,
+    "wo": 1,
+    "w1": 0,
+    "w3": 0,
+    "w2": 1,
+    "norm": None,
 }
 
 
@@ -156,10 +183,16 @@ def meta_params_to_config(params: dict[str, Any], max_seq_len: int = 4096) -> Ll
     params = dict(params)
     vocab = params.pop("vocab_size", 32000)
     return LlamaConfig(
-        vocab_size=32000 if vocab in (-1, None) else vocab, dim=params["dim"], n_layers=params["n_layers"],
-        n_heads=params["n_heads"], n_kv_heads=params.get("n_kv_heads"), multiple_of=params.get("multiple_of", 256),
-        ffn_dim_multiplier=params.get("ffn_dim_multiplier"), norm_eps=params.get("norm_eps", 1e-5),
-        rope_theta=params.get("rope_theta", 10000.0), max_seq_len=params.get("max_seq_len", max_seq_len),
+        vocab_size=32000 if vocab in (-1, None) else vocab,
+        dim=params["dim"],
+        n_layers=params["n_layers"],
+        n_heads=params["n_heads"],
+        n_kv_heads=params.get("n_kv_heads"),
+        multiple_of=params.get("multiple_of", 256),
+        ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+        norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=params.get("rope_theta", 10000.0),
+        max_seq_len=params.get("max_seq_len", max_seq_len),
     )
 
 
@@ -192,7 +225,9 @@ def save_meta_checkpoint(model: Llama, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     c = model.config
-    params = dict(dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, multiple_of=c.multiple_of, norm_eps=c.norm_eps, vocab_size=c.vocab_size)
+    params = dict(
+        dim=c.dim, n_layers=c.n_layers, n_heads=c.n_heads, multiple_of=c.multiple_of, norm_eps=c.norm_eps, vocab_size=c.vocab_size
+    )
     if c.n_kv_heads is not None:
         params["n_kv_heads"] = c.n_kv_heads
     if c.ffn_dim_multiplier is not None:
@@ -212,7 +247,12 @@ class XLlamaConfig(PretrainedConfig):
 
     model_type = "x_llama"
     auto_map = {}  # trl reads config.auto_map when loading by path (a plain class attribute, not a field)
-    attribute_map = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads", "max_position_embeddings": "max_seq_len"}
+    attribute_map = {
+        "hidden_size": "dim",
+        "num_hidden_layers": "n_layers",
+        "num_attention_heads": "n_heads",
+        "max_position_embeddings": "max_seq_len",
+    }
 
     vocab_size: int = 32000
     dim: int = 4096
@@ -235,7 +275,19 @@ class XLlamaConfig(PretrainedConfig):
         return cls(**config.to_dict(), **kwargs)
 
     def to_llama_config(self) -> LlamaConfig:
-        names = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len", "init_std")
+        names = (
+            "vocab_size",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "multiple_of",
+            "ffn_dim_multiplier",
+            "norm_eps",
+            "rope_theta",
+            "max_seq_len",
+            "init_std",
+        )
         return LlamaConfig(**{name: getattr(self, name) for name in names})
 
 
@@ -246,7 +298,9 @@ class XLlamaBackbone(nn.Module):
         super().__init__()
         self.llama = llama
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None, **kwargs: Any) -> BaseModelOutputWithPast:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None, **kwargs: Any
+    ) -> BaseModelOutputWithPast:
         _reject_unsupported(kwargs)
         return BaseModelOutputWithPast(last_hidden_state=self.llama.hidden_states(input_ids, position_ids, attention_mask))
 
@@ -362,7 +416,14 @@ class XLlamaForSequenceClassification(XLlamaPreTrainedModel):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.llama.tok_embeddings
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None, labels: Tensor | None = None, **kwargs: Any) -> SequenceClassifierOutputWithPast:
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs: Any,
+    ) -> SequenceClassifierOutputWithPast:
         _reject_unsupported(kwargs)
         hidden = self.llama.hidden_states(input_ids, position_ids, attention_mask)
         scores = self.score(hidden)  # (B, T, num_labels)
@@ -380,15 +441,11 @@ class XLlamaForSequenceClassification(XLlamaPreTrainedModel):
 
 def register() -> None:
     """Register the wrapper with the Auto classes (done on import of x_llama.hf)."""
-    try:
+    with contextlib.suppress(ValueError):  # already registered
         AutoConfig.register("x_llama", XLlamaConfig)
-    except ValueError:  # already registered
-        pass
     for auto, cls in ((AutoModelForCausalLM, XLlamaForCausalLM), (AutoModelForSequenceClassification, XLlamaForSequenceClassification)):
-        try:
+        with contextlib.suppress(ValueError):
             auto.register(XLlamaConfig, cls)
-        except ValueError:
-            pass
 
 
 register()

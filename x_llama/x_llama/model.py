@@ -15,10 +15,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from axon_shared.layers import attention
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from axon_shared.layers import attention
 
 from .config import LlamaConfig
 from .rope import apply_rotary, interleaved_tables, rope_cos_sin
@@ -197,7 +198,7 @@ class Llama(nn.Module):
     ) -> Tensor:
         """The backbone: RMSNorm(x_L), (B, T, dim), what the output head (or a reward/value head) reads."""
         self.check_tokens(tokens, cache)
-        batch, length = tokens.shape
+        length = tokens.shape[1]
         start = cache.length if cache is not None else 0
         if attention_mask is not None:
             if attention_mask.shape != tokens.shape:

@@ -13,11 +13,12 @@ import math
 from pathlib import Path
 
 import torch
+from torch import Tensor
+
 from axon_shared.checkpoint import load_checkpoint, run_checkpoints
 from axon_shared.schedules import CosineSchedule
 from axon_shared.tokenizer import Tokenizer, load_tokenizer
 from axon_shared.training import Trainer
-from torch import Tensor
 
 from .config import LlamaConfig, TrainConfig
 from .data import batch_at, build_tokenizer, step_seed, token_stream
@@ -74,10 +75,15 @@ def train(cfg: TrainConfig) -> Path:
             return {"loss": valid, "ppl": math.exp(min(valid, 50))}
 
         trainer.fit(
-            model, loss=loss, batch=batch, evaluate=evaluate,
+            model,
+            loss=loss,
+            batch=batch,
+            evaluate=evaluate,
             schedule=CosineSchedule(opt.lr, opt.warmup_steps, opt.steps, opt.min_lr_ratio),
-            count=lambda b: b[0].numel(), unit="tokens",
-            blocks=model.layers, extra={"tokenizer": "tokenizer.model"},
+            count=lambda b: b[0].numel(),
+            unit="tokens",
+            blocks=model.layers,
+            extra={"tokenizer": "tokenizer.model"},
             plots={"loss.png": ("train/loss", "valid/ppl"), "throughput.png": ("lr", "tokens_per_s", "grad_norm")},
         )
         if trainer.trained_steps and trainer.is_main:
@@ -96,7 +102,7 @@ def _write_samples(model: Llama, tokenizer: Tokenizer, out_dir: Path, max_new_to
         budget = min(max_new_tokens, model.config.max_seq_len - len(ids))
         new = generate(model, [ids], budget, temperature=0.8, top_k=50, eos_id=tokenizer.eos_id, generator=generator)[0]
         prefix = tokenizer.decode(ids)
-        lines.append(f"**{prefix}**{tokenizer.decode(ids + new)[len(prefix):]}")
+        lines.append(f"**{prefix}**{tokenizer.decode(ids + new)[len(prefix) :]}")
     (out_dir / "samples.md").write_text("\n\n".join(lines) + "\n")
 
 
@@ -120,9 +126,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 def evaluate_command(cfg) -> dict[str, float]:
     """`x-llama evaluate`: perplexity exp(mean NLL) of a checkpoint on a split of en-text (fixed random windows)."""
-    from .config import DataConfig
-
     from axon_shared.config import ConfigError
+
+    from .config import DataConfig
 
     model, tokenizer, _ = load_pretrained(cfg.checkpoint)
     if tokenizer is None:

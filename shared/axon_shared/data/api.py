@@ -105,20 +105,23 @@ def _write(directory: Path, info: DatasetInfo, built: BuiltDataset) -> None:
             write_npz(split_path(directory, split, "images"), content)
     write_text(directory / LICENSE_FILE, built.license_text)
     counts = {split: _count(built.splits[split]) for split in SPLITS}
-    write_json(directory / META_FILE, {
-        "name": info.name,
-        "format_version": FORMAT_VERSION,
-        "kind": info.kind,
-        "description": info.description,
-        "files": {split: split_path(directory, split, info.kind).name for split in SPLITS},
-        "counts": counts,
-        "total": sum(counts.values()),
-        "splits": built.split_method,
-        "license": info.license,
-        "license_file": LICENSE_FILE,
-        "source": [source.to_meta() for source in built.sources],
-        **built.details,
-    })
+    write_json(
+        directory / META_FILE,
+        {
+            "name": info.name,
+            "format_version": FORMAT_VERSION,
+            "kind": info.kind,
+            "description": info.description,
+            "files": {split: split_path(directory, split, info.kind).name for split in SPLITS},
+            "counts": counts,
+            "total": sum(counts.values()),
+            "splits": built.split_method,
+            "license": info.license,
+            "license_file": LICENSE_FILE,
+            "source": [source.to_meta() for source in built.sources],
+            **built.details,
+        },
+    )
 
 
 def _count(split: TextSplit | ImageSplit) -> int:

@@ -56,7 +56,6 @@ def novels(fetcher: SourceFetcher) -> tuple[list[dict[str, str]], DebianPackage]
     package = fetcher.deb(PACKAGE)
     objects = read_lazyload_database(package.root / DATA_DIR)
     documents = [
-        {"source": "austen", "title": TITLES[name], "text": "\n".join(str(line) for line in objects[name]).strip()}
-        for name in TITLES
+        {"source": "austen", "title": TITLES[name], "text": "\n".join(str(line) for line in objects[name]).strip()} for name in TITLES
     ]
     return documents, package

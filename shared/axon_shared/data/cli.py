@@ -27,8 +27,13 @@ def format_table(infos: list[DatasetInfo]) -> str:
     """Aligned plain-text table."""
     rows = [COLUMNS, *(_row(info) for info in infos)]
     widths = [max(len(row[column]) for row in rows) for column in range(len(COLUMNS))]
-    lines = ["  ".join(cell.rjust(width) if column in NUMERIC else cell.ljust(width)
-                       for column, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip() for row in rows]
+    lines = [
+        "  ".join(
+            cell.rjust(width) if column in NUMERIC else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 

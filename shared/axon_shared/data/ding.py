@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import re
 
-from .dataset import BuiltDataset
 from ..progress import progress_bar
+from .dataset import BuiltDataset
 from .sources import SourceFetcher, common_license, titled
 from .translation import normalize_space, pairs_dataset, unique_pairs
 

@@ -37,8 +37,7 @@ def load_hub(name: str, split: str | None = None, **kwargs: Any) -> Any:
         import datasets
     except ImportError as error:
         raise DataSourceError(
-            f"Hub dataset '{name}' needs the optional 'datasets' package (pip install datasets) and internet "
-            f"access; {advice}."
+            f"Hub dataset '{name}' needs the optional 'datasets' package (pip install datasets) and internet access; {advice}."
         ) from error
     try:
         return datasets.load_dataset(entry.path, entry.config, split=split, **kwargs)

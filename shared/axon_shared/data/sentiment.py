@@ -19,8 +19,7 @@ from .splits import stratified_split
 PACKAGE, VERSION = "vaderSentiment", "3.3.2"
 INNER_ARCHIVE = f"{PACKAGE}-{VERSION}/additional_resources/hutto_ICWSM_2014.tar.gz"
 LICENSE_MEMBER = f"{PACKAGE}-{VERSION}/LICENSE.txt"
-FILE_PREFIXES = {"movie": "movieReviewSnippets", "amazon": "amazonReviewSnippets",
-                 "nyt": "nytEditorialSnippets", "tweets": "tweets"}
+FILE_PREFIXES = {"movie": "movieReviewSnippets", "amazon": "amazonReviewSnippets", "nyt": "nytEditorialSnippets", "tweets": "tweets"}
 
 
 def held_out_quotas(_source: str, size: int) -> dict[str, int]:
@@ -45,8 +44,7 @@ def read_source(files: dict[str, bytes], source: str) -> list[dict[str, Any]]:
         record_id, mean, text = line.split("\t", 2)
         text = text.strip()
         if text:
-            records.append({"id": record_id, "source": source, "mean": float(mean), "text": text,
-                            "ratings": ratings[record_id]})
+            records.append({"id": record_id, "source": source, "mean": float(mean), "text": text, "ratings": ratings[record_id]})
     return records
 
 
@@ -56,14 +54,16 @@ def build(fetcher: SourceFetcher, progress: bool) -> BuiltDataset:
         license_text = outer.extractfile(LICENSE_MEMBER).read().decode("utf-8")
         inner_bytes = outer.extractfile(INNER_ARCHIVE).read()
     with tarfile.open(fileobj=io.BytesIO(inner_bytes), mode="r:gz") as inner:
-        files = {member.name.rsplit("/", 1)[-1]: inner.extractfile(member).read()
-                 for member in inner.getmembers() if member.isfile() and member.name.endswith(".txt")}
+        files = {
+            member.name.rsplit("/", 1)[-1]: inner.extractfile(member).read()
+            for member in inner.getmembers()
+            if member.isfile() and member.name.endswith(".txt")
+        }
     try:
         records = [record for source in FILE_PREFIXES for record in read_source(files, source)]
     except (KeyError, ValueError) as error:
         raise DataSourceError(f"{INNER_ARCHIVE} in {sdist.file}: unexpected content ({error})") from error
-    splits = stratified_split(records, lambda r: r["source"], lambda r: r["text"], held_out_quotas,
-                              salt="vader-sentiment")
+    splits = stratified_split(records, lambda r: r["source"], lambda r: r["text"], held_out_quotas, salt="vader-sentiment")
     return BuiltDataset(
         splits,
         [sdist],

