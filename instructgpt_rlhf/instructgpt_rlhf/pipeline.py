@@ -101,8 +101,8 @@ def write_report(root: Path, result: dict, timings: dict, image_prefix: str, plo
     lines = ["## Training language models from human preferences: RLHF (InstructGPT/PPO) and DPO (instructgpt_rlhf)", ""] if title else []
     if rm:
         lines += [
-            f"Reward model: held-out pair accuracy **{rm.get('valid_accuracy', float('nan')):.3f}** "
-            f"on {rm.get('valid_pairs', 0)} pairs; corr(RM, VADER) {rm.get('valid_rm_vs_truth_pearson', float('nan')):.2f}.",
+            f"Reward model: held-out pair accuracy **{rm.get('valid/accuracy', float('nan')):.3f}** "
+            f"on {rm.get('valid/pairs', 0):.0f} pairs; corr(RM, VADER) {rm.get('valid/rm_vs_truth_pearson', float('nan')):.2f}.",
             "",
         ]
     lines.append(results_markdown(result, image_prefix=image_prefix + "eval/"))

@@ -72,3 +72,14 @@ def test_cli_reports_bad_values_and_missing_inputs(tmp_path):
         main(["ppo", "--minibatch_size", "5"])
     with pytest.raises(SystemExit, match="instructgpt-rlhf reward: error: .*nowhere does not exist"):
         main(["reward", "--sft", str(tmp_path / "nowhere"), "--train.out_dir", str(tmp_path / "rm")])
+
+
+def test_the_pipeline_report_reads_the_reward_stage_metrics(tmp_path):
+    """The report's reward-model line comes from the metric names the training loop writes (valid/accuracy, ...)."""
+    from instructgpt_rlhf.pipeline import write_report
+
+    (tmp_path / "reward").mkdir()
+    (tmp_path / "reward" / "reward_metrics.json").write_text(json.dumps({"valid/accuracy": 0.75, "valid/pairs": 12.0, "valid/rm_vs_truth_pearson": 0.5}))
+    sft = {"name": "SFT", "reward": 0.1, "reward_sem": 0.01, "kl": 0.0, "win_rate_vs_sft": 0.5, "length": 9.0, "eos_rate": 1.0}
+    report = write_report(tmp_path, {"rows": [sft], "samples": {}, "num_prompts": 4}, {"sft": 1.0}, image_prefix="").read_text()
+    assert "held-out pair accuracy **0.750** on 12 pairs; corr(RM, VADER) 0.50" in report

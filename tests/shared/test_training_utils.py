@@ -177,3 +177,14 @@ def test_text_arguments_are_valid_unicode(capsys):
     undecodable = b"caf\xe9".decode("utf-8", "surrogateescape")  # how Python passes such argv bytes
     assert text_argument(undecodable) == "caf\ufffd"
     assert "not valid UTF-8" in capsys.readouterr().err
+
+
+def test_a_bad_device_fails_at_once_with_the_fix():
+    from axon_shared.distributed import pick_device
+
+    with pytest.raises(ConfigError, match="'gpu0' is not a device; use auto, cpu, cuda or cuda:N"):
+        pick_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="this machine has no CUDA device"):
+            pick_device("cuda")
+    assert pick_device("cpu") == torch.device("cpu")
