@@ -79,7 +79,9 @@ def test_the_pipeline_report_reads_the_reward_stage_metrics(tmp_path):
     from instructgpt_rlhf.pipeline import write_report
 
     (tmp_path / "reward").mkdir()
-    (tmp_path / "reward" / "reward_metrics.json").write_text(json.dumps({"valid/accuracy": 0.75, "valid/pairs": 12.0, "valid/rm_vs_truth_pearson": 0.5}))
+    (tmp_path / "reward" / "reward_metrics.json").write_text(
+        json.dumps({"valid/accuracy": 0.75, "valid/pairs": 12.0, "valid/rm_vs_truth_pearson": 0.5})
+    )
     sft = {"name": "SFT", "reward": 0.1, "reward_sem": 0.01, "kl": 0.0, "win_rate_vs_sft": 0.5, "length": 9.0, "eos_rate": 1.0}
     report = write_report(tmp_path, {"rows": [sft], "samples": {}, "num_prompts": 4}, {"sft": 1.0}, image_prefix="").read_text()
     assert "held-out pair accuracy **0.750** on 12 pairs; corr(RM, VADER) 0.50" in report
