@@ -132,6 +132,4 @@ def run_dpo(cfg: DPOConfig) -> Path:
                 metrics=metrics,
                 extra={"method": "dpo", "beta": cfg.beta, "loss_type": cfg.loss_type},
             )
-            (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
-            print(f"dpo: wrote {final} ({metrics})")
     return out_dir

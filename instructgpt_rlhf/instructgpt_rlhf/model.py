@@ -11,6 +11,7 @@ Plus saving/loading of these models as one safetensors file (axon_shared.checkpo
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -83,7 +84,8 @@ def save_model(
     metrics: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write `model.safetensors` (kind = policy | reward | value) and copy the tokenizer next to it."""
+    """Write a stage's final model `<name>.safetensors` (kind = policy | reward | value), its metrics as
+    `<name>_metrics.json` and the tokenizer next to it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
@@ -92,6 +94,9 @@ def save_model(
         target = path.parent / "tokenizer.model"
         if Path(tokenizer_path).resolve() != target.resolve():
             shutil.copyfile(tokenizer_path, target)
+    if metrics is not None:
+        (path.parent / f"{path.stem}_metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"wrote {path} ({metrics})")
     return path
 
 

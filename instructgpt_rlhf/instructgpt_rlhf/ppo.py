@@ -11,7 +11,6 @@ temperature divides the logits in the rollout and in the loss. beta is fixed or 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -194,6 +193,4 @@ def run_ppo(cfg: PPOConfig) -> Path:
                 metrics=metrics,
                 extra={"method": "ppo", "kl_coef": cfg.kl_coef, "ptx_coef": cfg.ptx_coef},
             )
-            (out_dir / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
-            print(f"ppo: wrote {final} ({metrics})")
     return out_dir

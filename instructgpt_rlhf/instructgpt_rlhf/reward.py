@@ -153,6 +153,4 @@ def run_reward(cfg: RewardConfig) -> Path:
         metrics = {**metrics, "bias_shift": shift}
         if trainer.is_main:
             save_model(final, rm, "reward", tokenizer.path, metrics=metrics)
-            (out_dir / "reward_metrics.json").write_text(json.dumps(metrics, indent=2))
-            print(f"reward: wrote {final} ({metrics})")
     return out_dir

@@ -68,5 +68,4 @@ def run_sft(cfg: SFTConfig) -> Path:
         )
         if trainer.is_main:
             save_model(final, model, "policy", tokenizer.path, metrics=metrics)
-            print(f"sft: wrote {final} ({metrics})")
     return final.parent
