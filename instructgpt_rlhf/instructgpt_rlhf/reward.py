@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import torch
+from einops import rearrange
 
 from axon_shared.seed import seed_everything
 from axon_shared.training import Trainer, bf16_autocast
@@ -67,7 +68,8 @@ def rm_scores(rm: ScalarHeadModel, records: list[dict]) -> torch.Tensor:
     completions = [c for r in records for c in r["completions"]]
     batch = collate(prompts, completions)
     values = rm(batch.tokens, batch.attention_mask)  # (N*K, T) through forward, so a DDP wrapper sees the call
-    return values.gather(1, last_index(batch.attention_mask)[:, None]).view(len(records), -1)  # read at the last real token
+    scores = values.gather(1, last_index(batch.attention_mask)[:, None])  # read at each sequence's last real token
+    return rearrange(scores, "(n k) 1 -> n k", n=len(records))  # the K completions of each record
 
 
 @torch.no_grad()
