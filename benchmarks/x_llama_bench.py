@@ -87,7 +87,7 @@ def compare_runs(run_dirs: list[str]) -> None:
     )
     for run in run_dirs:
         run = Path(run)
-        cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
+        cfg = TrainConfig.from_saved(json.loads((run / "config.json").read_text()))
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         last = [r for r in rows if "train/loss" in r][-1]
         ppl = [r for r in rows if "valid/ppl" in r][-1]["valid/ppl"]

@@ -25,7 +25,7 @@ def load_run(
     _, (path,) = run_checkpoints(checkpoint or run_dir)
     ckpt = load_checkpoint(path)
     ckpt.model_config(UNetConfig)  # a clear error for another package's checkpoint
-    cfg = DDPMConfig.from_dict({key: ckpt.config[key] for key in ("model", "diffusion", "data") if key in ckpt.config})
+    cfg = DDPMConfig.from_saved({key: ckpt.config[key] for key in ("model", "diffusion", "data") if key in ckpt.config})
     model, diffusion = build(cfg, device)
     if use_ema:
         if "ema" not in ckpt.tensors:

@@ -47,15 +47,23 @@ class Checkpoint:
     state: dict[str, Any] = field(repr=False)
 
     def model_config(self, config_class: type, section: str = "model") -> Any:
-        """The model config saved with this checkpoint as a `config_class`; a CheckpointError (not a KeyError or an
-        unknown-field error) when the file belongs to another model, e.g. a dali_ddpm run passed to x-llama."""
-        values = self.config.get(section) if isinstance(self.config.get(section), dict) else None
-        try:
-            return config_class.from_dict(values)
-        except Exception as error:
+        """The model config saved with this checkpoint as a `config_class`. Fields that this version of the code no
+        longer has are ignored (`AxonConfig.from_saved`); a section whose fields are mostly unknown belongs to another
+        model (e.g. a dali_ddpm run passed to x-llama) and raises a CheckpointError, not a KeyError."""
+        import dataclasses
+
+        values = self.config.get(section)
+        known = {f.name for f in dataclasses.fields(config_class)}
+        if not isinstance(values, dict) or len(known & set(values)) * 2 < len(values):
+            fields = sorted(values) if isinstance(values, dict) else "none"
             raise CheckpointError(
-                f"{self.path}: not a checkpoint of a {config_class.__name__} model ({error}); pass a run of the right package"
-            ) from None
+                f"{self.path}: not a checkpoint of a {config_class.__name__} model (its {section!r} fields: {fields}); "
+                "pass a run of the right package"
+            )
+        try:
+            return config_class.from_saved(values)
+        except (ValueError, TypeError) as error:  # an invalid saved config (ConfigError is a ValueError): say which file
+            raise CheckpointError(f"{self.path}: its {section!r} config does not load ({error})") from None
 
     def restore(
         self,

@@ -71,6 +71,12 @@ class AxonConfig:
         return cls.from_dict(_deep_merge(cls.PRESETS[name], overrides))
 
     @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> Self:
+        """A config read back from a checkpoint or config.json that an earlier version of the code wrote: fields
+        this version no longer has are dropped (at every level), the rest is parsed and validated as usual."""
+        return cls.from_dict(_known_fields(cls, values))
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Self:
         """Build from a (nested) dict; unknown keys raise ConfigError listing the valid ones."""
         if not isinstance(values, dict):
@@ -117,6 +123,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping of field names to values")
     return values
+
+
+def _known_fields(cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        return values
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    out = {}
+    for name, value in values.items():
+        if name in fields:
+            hint = hints[name]
+            nested = isinstance(hint, type) and dataclasses.is_dataclass(hint)
+            out[name] = _known_fields(hint, value) if nested else value
+    return out
 
 
 def _deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -135,3 +135,25 @@ def test_average_latest_and_prune(tmp_path):
     assert latest_checkpoint(tmp_path) == paths[-1]
     prune_checkpoints(tmp_path, keep_last=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [paths[-1].name]
+
+
+def test_model_config_of_an_older_or_a_foreign_checkpoint(tmp_path):
+    """A field this version dropped (transformer's share_embeddings) is ignored; another model's section is refused."""
+    import dataclasses
+
+    from axon_shared.config import AxonConfig
+
+    @dataclasses.dataclass
+    class Model(AxonConfig):
+        dim: int = 8
+        heads: int = 2
+
+    older = save_checkpoint(
+        tmp_path / "older.safetensors", model=make_model(), config={"model": {"dim": 16, "heads": 4, "share_embeddings": True}}
+    )
+    assert load_checkpoint(older).model_config(Model) == Model(dim=16, heads=4)
+    foreign = save_checkpoint(
+        tmp_path / "foreign.safetensors", model=make_model(), config={"model": {"ch": 32, "ch_mult": [1, 2], "dim": 8}}
+    )
+    with pytest.raises(CheckpointError, match="not a checkpoint of a Model model"):
+        load_checkpoint(foreign).model_config(Model)

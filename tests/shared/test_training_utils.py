@@ -188,3 +188,14 @@ def test_a_bad_device_fails_at_once_with_the_fix():
         with pytest.raises(ConfigError, match="this machine has no CUDA device"):
             pick_device("cuda")
     assert pick_device("cpu") == torch.device("cpu")
+
+
+def test_configs_saved_by_an_earlier_version_still_load():
+    """A checkpoint's config with fields this version dropped (x_llama's data.batch_size moved to train) loads;
+    a fresh config with an unknown field is still refused."""
+    saved = {"inner": {"dim": 12, "heads": 3, "old_field": 1}, "lr": 0.5, "max_tokens": 4096}
+    assert Outer.from_saved(saved) == Outer(inner=Inner(dim=12, heads=3), lr=0.5)
+    with pytest.raises(ConfigError, match="unknown field"):
+        Outer.from_dict(saved)
+    with pytest.raises(ConfigError, match=r"Inner.dim=7: must be divisible"):
+        Outer.from_saved({"inner": {"dim": 7}})

@@ -28,7 +28,7 @@ def load_model(
     run_dir, paths = run_checkpoints(checkpoint or run_dir, last=average_last)
     ckpt = load_checkpoint(paths[-1])
     model_config = ckpt.model_config(TransformerConfig)
-    config = TrainConfig.from_dict({key: ckpt.config[key] for key in ("model", "data") if key in ckpt.config})
+    config = TrainConfig.from_saved({key: ckpt.config[key] for key in ("model", "data") if key in ckpt.config})
     model = Transformer(model_config)
     state = average_checkpoints(paths) if len(paths) > 1 else ckpt.tensors["model"]
     load_model_state(model, state, source=paths[-1])

@@ -134,7 +134,7 @@ def evaluate_command(cfg) -> dict[str, float]:
     if tokenizer is None:
         raise ConfigError(f"EvaluateConfig.checkpoint={cfg.checkpoint!r}: no tokenizer.model next to it, so the text cannot be encoded")
     run_dir, (path,) = run_checkpoints(cfg.checkpoint)
-    data = DataConfig.from_dict(load_checkpoint(path).config.get("data", {}))
+    data = DataConfig.from_saved(load_checkpoint(path).config.get("data", {}))
     stream = token_stream(data, tokenizer, cfg.split, run_dir)
     loss = evaluate_loss(model, stream, cfg.batches, cfg.batch_size, data.seq_len, seed=cfg.seed)
     result = {"split": cfg.split, "loss": loss, "perplexity": math.exp(loss), "tokens": cfg.batches * cfg.batch_size * data.seq_len}
