@@ -104,13 +104,21 @@ def read_meta(directory: Path) -> dict[str, Any] | None:
 
 
 def count_records(path: Path, kind: str) -> int | None:
-    """Records actually in a split file (lines of a .jsonl, labels of a .npz), or None if it cannot be read."""
+    """Records actually in a split file (lines of a .jsonl; rows of a .npz, read from the array headers without
+    loading the arrays; a cut-short archive does not open), or None if it cannot be read."""
     try:
         if kind == "text":
             data = path.read_bytes()
             return data.count(b"\n") + (0 if not data or data.endswith(b"\n") else 1)
-        with np.load(path, allow_pickle=False) as arrays:
-            return int(arrays["labels"].shape[0]) if arrays["images"].shape[0] == arrays["labels"].shape[0] else None
+        with zipfile.ZipFile(path) as archive:
+            rows = set()
+            for member in ("images.npy", "labels.npy"):
+                with archive.open(member) as handle:
+                    major, _ = np.lib.format.read_magic(handle)
+                    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    shape, _, _ = read_header(handle)
+                    rows.add(shape[0])
+            return rows.pop() if len(rows) == 1 else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
         return None
 
