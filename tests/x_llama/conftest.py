@@ -28,3 +28,12 @@ def tokenizer_path(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
     build_tokenizer(DataConfig(tokenizer_chars=300_000), 512, out)
     return out / "tokenizer.model"
+
+
+def tiny_train_args(tokenizer_path, out_dir) -> list[str]:
+    """`x-llama train` arguments for a 2-step, 1-layer run on the session tokenizer."""
+    return [
+        "train", "--preset", "tiny", "--model.n_layers", "1", "--data.seq_len", "16", "--train.batch_size", "4",
+        "--data.tokenizer", str(tokenizer_path), "--data.max_train_chars", "100000", "--data.max_valid_chars", "20000",
+        "--train.steps", "2", "--train.eval_batches", "1", "--train.progress", "false", "--train.out_dir", str(out_dir),
+    ]  # fmt: skip

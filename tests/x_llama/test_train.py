@@ -14,6 +14,8 @@ from x_llama import Llama, LlamaConfig, TrainConfig, generate, lm_loss, load_pre
 from x_llama.cli import main
 from x_llama.train import train
 
+from .conftest import tiny_train_args
+
 
 def small_train_config(out_dir, tokenizer_path, **train_overrides) -> TrainConfig:
     return TrainConfig.from_preset(
@@ -133,33 +135,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_config):
 
 def test_cli_train_generate_evaluate(tmp_path, tokenizer_path, capsys):
     out = tmp_path / "cli"
-    main(
-        [
-            "train",
-            "--preset",
-            "tiny",
-            "--model.n_layers",
-            "1",
-            "--data.seq_len",
-            "16",
-            "--train.batch_size",
-            "4",
-            "--data.tokenizer",
-            str(tokenizer_path),
-            "--data.max_train_chars",
-            "100000",
-            "--data.max_valid_chars",
-            "20000",
-            "--train.steps",
-            "2",
-            "--train.eval_batches",
-            "1",
-            "--train.progress",
-            "false",
-            "--train.out_dir",
-            str(out),
-        ]
-    )
+    main(tiny_train_args(tokenizer_path, out))
     assert latest_checkpoint(out / "checkpoints") is not None
     main(["generate", "--checkpoint", str(out), "--prompt", "In the beginning", "--max_new_tokens", "5"])
     assert capsys.readouterr().out.startswith("In the beginning")
