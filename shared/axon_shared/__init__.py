@@ -16,13 +16,12 @@ from .checkpoint import (
 from .config import AxonConfig, ConfigError, read_config_file, require, require_choice, require_positive
 from .distributed import (
     DistContext,
-    all_reduce_mean,
+    all_reduce_sum,
     barrier,
     cleanup_distributed,
     pick_device,
     set_threads,
     setup_distributed,
-    shard,
     wrap_model,
 )
 from .ema import EMA

@@ -162,20 +162,16 @@ def _parameter_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list
     return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def all_reduce_mean(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """Mean of `value` over all ranks (a copy; the input is left untouched)."""
+def all_reduce_sum(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Element-wise sum of `values` over all ranks (a CPU copy; the communication runs on the rank's device, as
+    nccl needs)."""
     if not ctx.is_distributed:
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / ctx.world_size
+        return values
+    on_device = values.detach().to(ctx.device, copy=True)
+    dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+    return on_device.cpu()
 
 
 def barrier(ctx: DistContext) -> None:
     if ctx.is_distributed:
         dist.barrier()
-
-
-def shard(items: list, ctx: DistContext) -> list:
-    """This rank's share of a list (every world_size-th item, starting at rank)."""
-    return items[ctx.rank :: ctx.world_size]

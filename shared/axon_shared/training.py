@@ -50,6 +50,7 @@ from .checkpoint import (
 )
 from .config import AxonConfig, ConfigError, require, require_positive
 from .distributed import (
+    all_reduce_sum,
     any_rank,
     barrier,
     broadcast_from_main,
@@ -338,7 +339,7 @@ class Trainer:
                     # else the mean over the micro-batches
                     if weight is not None:
                         local = sum(weight(b) for b in micro)
-                        scale = ctx.world_size / _all_reduce_sum(float(local), ctx)
+                        scale = ctx.world_size / float(all_reduce_sum(torch.tensor(float(local), dtype=torch.float64), ctx))
                     # 3. forward (autocast) and backward per micro-batch; DDP all-reduces gradients on the last one only
                     sums: dict[str, float] = {}
                     for i, b in enumerate(micro):
@@ -599,14 +600,6 @@ def _rng_untouched() -> Iterator[None]:
         restore_rng_state(tensors, values)
 
 
-def _all_reduce_sum(value: float, ctx) -> float:
-    if not ctx.is_distributed:
-        return value
-    tensor = torch.tensor(value, dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
-    torch.distributed.all_reduce(tensor)
-    return float(tensor.item())
-
-
 class _Window:
     """Metrics averaged over the steps since the last log row, and the throughput over their wall time."""
 
@@ -624,7 +617,7 @@ class _Window:
         keys = sorted(self.sums)
         values = torch.tensor([self.sums[k] / max(self.steps, 1) for k in keys] + [float(self.units)], dtype=torch.float64)
         if ctx.is_distributed:  # mean of the metrics over ranks, sum of the units
-            torch.distributed.all_reduce(values)
+            values = all_reduce_sum(values, ctx)
             values[:-1] /= ctx.world_size
         seconds = max(time.monotonic() - self.started, 1e-9)
         row = {f"train/{k}": float(v) for k, v in zip(keys, values[:-1].tolist())}
