@@ -1,21 +1,30 @@
-"""x_llama vs transformers.LlamaForCausalLM: same config, same weights, same process.
+"""x_llama vs transformers.LlamaForCausalLM: same config, same weights, same process, repetitions interleaved.
 
-Measures training-step tokens/s (forward + backward + AdamW), prefill latency, cached greedy decode tokens/s,
-our cached-vs-uncached decode speedup at 512 tokens, MFU against a matmul peak measured in this run, and
-GQA vs MHA vs MQA KV-cache memory and decode speed. Prints tables with ratios (ours / theirs; > 1 = we are faster).
+Training step (forward + backward + AdamW) in three precision modes, each side in the same one: fp32 eager,
+bf16 autocast eager, bf16 autocast + torch.compile (ours fullgraph, the model and the loss in one graph, as
+`train.compile` does; theirs the same loss function compiled). MFU against the fp32 and the bf16 matmul peaks
+measured in this run. Then prefill latency, cached greedy decode at batch 1 and 8 (theirs with its own dynamic
+and static KV caches), our cache against re-running the prefix, GQA/MHA/MQA cache memory and decode speed.
+`--scaling`: training tokens/s and MFU at 1x, 4x and 16x the `cpu` preset's parameters, decode ms/token at
+context 128, 512 and 2048, peak memory against batch size; a table and a plot.
 
-    python benchmarks/x_llama_bench.py            # ~3 minutes on one CPU thread
+    python benchmarks/x_llama_bench.py            # ~6 minutes on 2 threads
     python benchmarks/x_llama_bench.py --quick    # smoke run
+    python benchmarks/x_llama_bench.py --scaling  # how cost grows (~8 minutes)
     python benchmarks/x_llama_bench.py --compare runs/x_llama/mha runs/x_llama/gqa   # trained runs side by side
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import transformers
@@ -26,6 +35,7 @@ from x_llama.train import training_flops_per_token
 
 warnings.filterwarnings("ignore")
 transformers.logging.set_verbosity_error()
+MODES = ("fp32 eager", "bf16 eager", "bf16 compiled")
 
 
 def timed(fn, repeats: int) -> float:
@@ -43,10 +53,24 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(size: int = 1024, repeats: int = 20) -> float:
-    """Best measured fp32 matmul throughput (FLOP/s) on this machine, the MFU denominator: the fastest of
-    `repeats` square matmuls (the machine is shared, so the best run is the closest to the hardware's peak)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def interleaved(fns: list, repeats: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each fn, timed in turn (a, b, a, b, ...) so both see the same machine load."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 30) -> float:
+    """Best measured matmul throughput (FLOP/s) in `dtype`, the MFU denominator: the fastest of `repeats` square
+    matmuls (the machine is shared, so the best run is the closest to the hardware's peak)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -56,20 +80,75 @@ def matmul_peak(size: int = 1024, repeats: int = 20) -> float:
     return 2 * size**3 / best
 
 
-def train_step_fn(model, tokens, hf: bool):
+def train_step_fn(model, tokens, hf: bool, mode: str):
+    """One optimizer step in `mode`: the loss under bf16 autocast or not, compiled (with the model call) or not."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def loss_of(inputs, targets):
+        logits = model(inputs, use_cache=False).logits if hf else model(inputs)
+        return lm_loss(logits, targets)
+
+    # ours must capture one graph (the engine's train.compile); transformers' model may break its graph
+    loss_fn = torch.compile(loss_of, fullgraph=not hf) if "compiled" in mode else loss_of
 
     def step():
-        if hf:
-            logits = model(tokens[:, :-1], use_cache=False).logits
-        else:
-            logits = model(tokens[:, :-1])
-        loss = lm_loss(logits, tokens[:, 1:])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in mode):
+            loss = loss_fn(inputs, targets)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def training_rows(config: LlamaConfig, batch: int, seq: int, repeats: int, peaks: dict, modes=MODES, hf: bool = True) -> list[dict]:
+    """Training tokens/s of ours (and transformers') in each mode, same initial weights."""
+    rows = []
+    tokens = torch.randint(3, config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    flops = training_flops_per_token(config, seq) * batch * seq
+    for mode in modes:
+        torch.manual_seed(0)
+        ours = Llama(config).train()
+        fns = [train_step_fn(ours, tokens, False, mode)]
+        if hf:
+            theirs = to_hf(ours, attn_implementation="sdpa").train()
+            fns.append(train_step_fn(theirs, tokens, True, mode))
+        seconds = interleaved(fns, repeats)
+        row = {"mode": mode, "ours": batch * seq / seconds[0], "mfu_fp32": flops / seconds[0] / peaks["fp32"]}
+        row["mfu_bf16"] = flops / seconds[0] / peaks["bf16"]
+        if hf:
+            row |= {
+                "theirs": batch * seq / seconds[1],
+                "theirs_mfu_bf16": flops / seconds[1] / peaks["bf16"],
+                "ratio": seconds[1] / seconds[0],
+            }
+        rows.append(row)
+        torch._dynamo.reset()
+    return rows
+
+
+def hf_decode(model, prompts: torch.Tensor, new: int, cache_implementation: str | None):
+    kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    if cache_implementation:
+        kwargs["cache_implementation"] = cache_implementation
+    return lambda: model.generate(prompts, attention_mask=torch.ones_like(prompts), **kwargs)
+
+
+def decode_rows(ours: Llama, theirs, tokens: torch.Tensor, new: int, batches: tuple[int, ...], repeats: int) -> list[dict]:
+    """Cached greedy decode tokens/s after a 64-token prompt: ours against transformers' dynamic and static caches."""
+    rows = []
+    for batch in batches:
+        prompts = tokens[:batch, :64]
+        fns = [
+            lambda prompts=prompts: generate(ours, prompts.tolist(), new),
+            hf_decode(theirs, prompts, new, None),
+            hf_decode(theirs, prompts, new, "static"),
+        ]
+        seconds = interleaved(fns, repeats, warmup=1)
+        speed = [batch * new / s for s in seconds]
+        rows.append({"batch": batch, "ours": speed[0], "dynamic": speed[1], "static": speed[2], "ratio": min(seconds[1:]) / seconds[0]})
+    return rows
 
 
 def compare_runs(run_dirs: list[str]) -> None:
@@ -109,13 +188,77 @@ def compare_runs(run_dirs: list[str]) -> None:
         )
 
 
+def scaling(quick: bool, peaks: dict, out_dir: Path) -> None:
+    """How cost grows: training (bf16 compiled) at 1x, 4x, 16x the cpu preset's parameters; decode ms/token at
+    context 128, 512, 2048; peak resident memory of a training step against batch size (one process each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = LlamaConfig.from_preset("cpu")
+    sizes = {"1x": base, "4x": base.replace(dim=512, n_layers=8), "16x": base.replace(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4)}
+    if quick:
+        sizes = {"1x": base.replace(n_layers=2)}
+    print(
+        f"\ntraining, bf16 compiled, batch 8 x 256 (ours only)\n{'size':<6}{'params':>10}{'tokens/s':>11}{'MFU bf16':>10}{'MFU fp32':>10}"
+    )
+    result = {"training": [], "decode": [], "memory": []}
+    for name, config in sizes.items():
+        row = training_rows(config, 8, 256, 2 if quick else 3, peaks, modes=("bf16 compiled",), hf=False)[0]
+        row |= {"size": name, "params": config.num_parameters()}
+        result["training"].append(row)
+        print(f"{name:<6}{config.num_parameters() / 1e6:>9.1f}M{row['ours']:>11,.0f}{row['mfu_bf16']:>10.1%}{row['mfu_fp32']:>10.1%}")
+
+    print(f"\ncached greedy decode, batch 1, fp32 (cpu preset)\n{'context':<9}{'ms/token':>10}")
+    config = base.replace(max_seq_len=2048 + 64)
+    torch.manual_seed(0)
+    model = Llama(config).eval()
+    new = 32
+    for context in (128, 512) if quick else (128, 512, 2048):
+        prompt = torch.randint(3, config.vocab_size, (context,), generator=torch.Generator().manual_seed(1)).tolist()
+        # decode time = total - prefill time, measured separately
+        total = timed(lambda prompt=prompt: generate(model, [prompt], new), 1)
+        prefill = timed(lambda prompt=prompt: generate(model, [prompt], 1), 1)
+        ms = 1e3 * (total - prefill) / (new - 1)
+        result["decode"].append({"context": context, "ms_per_token": ms})
+        print(f"{context:<9}{ms:>10.2f}")
+
+    print(f"\npeak resident memory of training steps (bf16 eager, cpu preset, seq 256)\n{'batch':<7}{'peak MiB':>10}")
+    for batch in (1, 4) if quick else (1, 4, 16, 32):
+        code = (
+            "import resource, torch; from x_llama import Llama, LlamaConfig, lm_loss; torch.set_num_threads(1);"
+            f"m = Llama(LlamaConfig.from_preset('cpu')).train(); t = torch.randint(3, 4096, ({batch}, 257));"
+            "opt = torch.optim.AdamW(m.parameters());"
+            "exec('for _ in range(2):\\n with torch.autocast(\\'cpu\\', dtype=torch.bfloat16): l = lm_loss(m(t[:, :-1]), t[:, 1:])\\n l.backward(); opt.step(); opt.zero_grad()');"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        )
+        peak_kib = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
+        result["memory"].append({"batch": batch, "peak_mib": peak_kib / 1024})
+        print(f"{batch:<7}{peak_kib / 1024:>10.0f}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "x_llama_scaling.json").write_text(json.dumps(result, indent=1))
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot([r["params"] / 1e6 for r in result["training"]], [r["mfu_bf16"] for r in result["training"]], "o-")
+    axes[0].set(xscale="log", xlabel="parameters (M)", ylabel="MFU vs bf16 peak", title="training, bf16 compiled")
+    axes[1].plot([r["context"] for r in result["decode"]], [r["ms_per_token"] for r in result["decode"]], "o-")
+    axes[1].set(xscale="log", xlabel="context (tokens)", ylabel="ms / token", title="cached decode, batch 1")
+    axes[2].plot([r["batch"] for r in result["memory"]], [r["peak_mib"] for r in result["memory"]], "o-")
+    axes[2].set(xlabel="batch size (x 256 tokens)", ylabel="peak RSS (MiB)", title="training memory, bf16")
+    figure.tight_layout()
+    figure.savefig(out_dir / "x_llama_scaling.png", dpi=110)
+    print(f"\nwrote {out_dir / 'x_llama_scaling.png'} and .json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke run)")
+    parser.add_argument("--scaling", action="store_true", help="how cost grows with parameters, context and batch")
+    parser.add_argument("--out_dir", default="runs/benchmarks", help="where --scaling writes its plot and table")
     parser.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="compare trained run directories instead")
     args = parser.parse_args()
-    if os.environ.get("AXON_THREADS"):
-        torch.set_num_threads(int(os.environ["AXON_THREADS"]))
+    torch.set_num_threads(int(os.environ.get("AXON_THREADS", torch.get_num_threads())))
     if args.compare:
         compare_runs(args.compare)
         return
@@ -124,77 +267,64 @@ def main() -> None:
     config = LlamaConfig.from_preset("cpu", max_seq_len=1024)  # dim 256, 6 layers, 8 query / 2 kv heads
     if quick:
         config = config.replace(n_layers=2)
-    torch.manual_seed(0)
-    ours = Llama(config)
-    theirs = to_hf(ours, attn_implementation="sdpa").train()
-    ours.train()
-    batch, seq = (4, 128) if quick else (8, 256)
-    tokens = torch.randint(3, config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
-
     print(
         f"x_llama benchmark: torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} thread(s); model {config.num_parameters() / 1e6:.2f}M params "
         f"(dim {config.dim}, {config.n_layers} layers, {config.n_heads}/{config.kv_heads} q/kv heads, vocab {config.vocab_size})"
     )
-    peak = matmul_peak(512 if quick else 1024)
-    print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s")
-    rows = []
+    size = 512 if quick else 1024
+    peaks = {"fp32": matmul_peak(torch.float32, size), "bf16": matmul_peak(torch.bfloat16, size)}
+    print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    if args.scaling:
+        scaling(quick, peaks, Path(args.out_dir))
+        return
 
-    # training step (interleaved repetitions so both see the same machine load)
-    ours_step, theirs_step = train_step_fn(ours, tokens, hf=False), train_step_fn(theirs, tokens, hf=True)
-    ours_times, theirs_times = [], []
-    ours_step(), theirs_step()
-    for _ in range(repeats):
-        for fn, bucket in ((ours_step, ours_times), (theirs_step, theirs_times)):
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
-    tokens_per_step = batch * seq
-    ours_tps, theirs_tps = tokens_per_step / statistics.median(ours_times), tokens_per_step / statistics.median(theirs_times)
-    flops = training_flops_per_token(config, seq)
-    rows.append(("training tokens/s", ours_tps, theirs_tps, ours_tps / theirs_tps))
-    rows.append(("training MFU", ours_tps * flops / peak, theirs_tps * flops / peak, ours_tps / theirs_tps))
+    batch, seq = (4, 128) if quick else (8, 256)
+    print(f"\ntraining step, batch {batch} x {seq} tokens (tokens/s; ratio = ours / theirs, > 1: x_llama faster)")
+    print(f"{'mode':<15}{'x_llama':>10}{'transformers':>14}{'ratio':>8}{'MFU fp32':>10}{'MFU bf16':>10}{'theirs MFU bf16':>17}")
+    for row in training_rows(config, batch, seq, repeats, peaks):
+        print(
+            f"{row['mode']:<15}{row['ours']:>10,.0f}{row['theirs']:>14,.0f}{row['ratio']:>7.2f}x{row['mfu_fp32']:>10.1%}"
+            f"{row['mfu_bf16']:>10.1%}{row['theirs_mfu_bf16']:>17.1%}"
+        )
 
-    # prefill latency: one 256-token (64 quick) prompt, no grad
-    ours.eval(), theirs.eval()
+    torch.manual_seed(0)
+    ours = Llama(config).eval()
+    theirs = to_hf(ours, attn_implementation="sdpa").eval()
+    tokens = torch.randint(3, config.vocab_size, (8, 257), generator=torch.Generator().manual_seed(0))
     prompt_len = 64 if quick else 256
     prompt = tokens[:1, :prompt_len]
     with torch.no_grad():
-        ours_prefill = timed(lambda: ours(prompt, cache=ours.new_cache(1, prompt_len), last_only=True), repeats)
-        theirs_prefill = timed(lambda: theirs(prompt, use_cache=True, logits_to_keep=1), repeats)
-    rows.append(("prefill latency (ms)", 1e3 * ours_prefill, 1e3 * theirs_prefill, theirs_prefill / ours_prefill))
-
-    # cached greedy decode: 128 new tokens (32 quick) after a 64-token prompt, batch 1
-    new = 32 if quick else 128
-    short = tokens[0, :64].tolist()
-    ours_decode = timed(lambda: generate(ours, [short], new), max(1, repeats - 2))
-    theirs_decode = timed(
-        lambda: theirs.generate(torch.tensor([short]), max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0),
-        max(1, repeats - 2),
+        ours_prefill, theirs_prefill = interleaved(
+            [
+                lambda: ours(prompt, cache=ours.new_cache(1, prompt_len), last_only=True),
+                lambda: theirs(prompt, use_cache=True, logits_to_keep=1),
+            ],
+            repeats,
+        )
+    print(
+        f"\nprefill of {prompt_len} tokens, fp32: x_llama {1e3 * ours_prefill:.1f} ms, transformers {1e3 * theirs_prefill:.1f} ms -> {theirs_prefill / ours_prefill:.2f}x"
     )
-    rows.append(("cached decode tokens/s", new / ours_decode, new / theirs_decode, theirs_decode / ours_decode))
 
-    print()
-    print(f"{'metric':<26}{'x_llama':>12}{'transformers':>14}{'ratio':>8}")
-    for name, a, b, ratio in rows:
-        fmt = (lambda v: f"{v:.1%}") if "MFU" in name else (lambda v: f"{v:,.1f}")
-        print(f"{name:<26}{fmt(a):>12}{fmt(b):>14}{ratio:>7.2f}x")
-    print("ratio = ours/theirs for throughput, theirs/ours for latency: > 1 means x_llama is faster")
+    new = 32 if quick else 128
+    print(f"\ncached greedy decode, fp32, {new} new tokens after 64 (tokens/s; ratio against transformers' faster cache)")
+    print(f"{'batch':<7}{'x_llama':>10}{'HF dynamic':>12}{'HF static':>11}{'ratio':>8}")
+    for row in decode_rows(ours, theirs, tokens, new, (1, 8), max(1, repeats - 2)):
+        print(f"{row['batch']:<7}{row['ours']:>10,.0f}{row['dynamic']:>12,.0f}{row['static']:>11,.0f}{row['ratio']:>7.2f}x")
 
     # our KV cache against re-running the prefix
     length = 128 if quick else 512
-    start_prompt = [1]
-    cached = timed(lambda: generate(ours, [start_prompt], length - 1, use_cache=True), 1)  # warm, like uncached's later steps
-    uncached = timed(lambda: generate(ours, [start_prompt], length - 1, use_cache=False), 0)
+    cached = timed(lambda: generate(ours, [[1]], length - 1, use_cache=True), 1)  # warm, like uncached's later steps
+    uncached = timed(lambda: generate(ours, [[1]], length - 1, use_cache=False), 0)
     print(f"\nx_llama decode to {length} tokens: cached {cached:.2f} s, uncached {uncached:.2f} s -> speedup {uncached / cached:.1f}x")
 
-    # GQA vs MHA vs MQA: cache memory and decode speed (batch 8, 256-token context)
+    # GQA vs MHA vs MQA: cache memory and decode speed (batch 8, 192-token prompts)
     print(f"\n{'kv heads':<12}{'KV cache (MiB), B=8, 1024 ctx':>32}{'decode tokens/s (B=8)':>24}")
     decode_batch, decode_new = (2, 16) if quick else (8, 64)
     for kv in (config.n_heads, 2, 1):
         variant = Llama(config.replace(n_kv_heads=kv)).eval()
         cache_mib = variant.new_cache(8, 1024).nbytes / 2**20
-        prompts = [tokens[i % batch, :192].tolist() for i in range(decode_batch)]
+        prompts = [tokens[i % 8, :192].tolist() for i in range(decode_batch)]
         seconds = timed(lambda variant=variant, prompts=prompts: generate(variant, prompts, decode_new), 1)
         label = {config.n_heads: "MHA", 1: "MQA"}.get(kv, "GQA")
         print(f"{f'{kv} ({label})':<12}{cache_mib:>32.1f}{decode_batch * decode_new / seconds:>24.1f}")

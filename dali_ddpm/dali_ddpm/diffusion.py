@@ -144,7 +144,8 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"t must have shape (B,) = ({x.shape[0]},), got {tuple(t.shape)}")
         if t.dtype.is_floating_point:
             raise TypeError(f"t must hold integer timesteps, got {t.dtype}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+        # the range needs the values: checked in eager mode, skipped inside a compiled graph (train.compile)
+        if t.numel() and not torch.compiler.is_compiling() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
             raise ValueError(f"timesteps must lie in [0, {self.num_timesteps - 1}], got min {int(t.min())} max {int(t.max())}")
 
     @staticmethod

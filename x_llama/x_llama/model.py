@@ -249,7 +249,9 @@ class Llama(nn.Module):
             raise ValueError(f"sequence of {total} tokens exceeds the model's {what}; truncate the input or use a larger config")
         if cache is not None and tokens.shape[0] != cache.batch_size:
             raise ValueError(f"batch size {tokens.shape[0]} does not match the KV cache's batch size {cache.batch_size}")
-        if tokens.device.type != "meta" and tokens.numel():
+        # the id range needs the values: checked in eager mode, skipped inside a compiled graph (where it would break the
+        # graph; nn.Embedding still refuses an out-of-range id there, with a less helpful message)
+        if tokens.device.type != "meta" and tokens.numel() and not torch.compiler.is_compiling():
             low, high = int(tokens.min()), int(tokens.max())
             if low < 0 or high >= self.config.vocab_size:
                 raise ValueError(
