@@ -19,7 +19,7 @@ import torch
 from axon_shared.training import Trainer
 
 from .config import DPOConfig, SamplingConfig
-from .data import collate, split_prompts
+from .data import Batch, collate, split_prompts
 from .evaluate import measure
 from .labeler import VaderLabeler
 from .losses import dpo_loss, sequence_logprobs
@@ -33,13 +33,22 @@ def preference_pairs(records: list[dict]) -> list[tuple[list[int], list[int], li
     return [(r["prompt"], r["completions"][w], r["completions"][l]) for r in records for w, l in r["pairs"]]
 
 
-def pair_logprobs(model, pairs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi(chosen|x), log pi(rejected|x)), one forward over the 2B sequences [chosen; rejected]."""
+def pair_batch(pairs) -> Batch:
+    """The 2B sequences [chosen; rejected] of B pairs, collated for one forward."""
     prompts = [p for p, _, _ in pairs] * 2
     completions = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
-    batch = collate(prompts, completions)
+    return collate(prompts, completions)
+
+
+def batch_logprobs(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(chosen|x), log pi(rejected|x)) of a `pair_batch`: tensors in, tensors out (it compiles to one graph)."""
     logps = sequence_logprobs(policy_logits(model, batch), batch.completion_labels, batch.label_mask)
     return logps.chunk(2)
+
+
+def pair_logprobs(model, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(chosen|x), log pi(rejected|x)), one forward over the 2B sequences [chosen; rejected]."""
+    return batch_logprobs(model, pair_batch(pairs))
 
 
 def paths_of(preferences: str) -> tuple[Path, Path]:
@@ -77,30 +86,33 @@ def run_dpo(cfg: DPOConfig) -> Path:
         )
         labeler = VaderLabeler()
 
-        def batch(step: int, micro: int) -> list:
-            return [train[i] for i in trainer.batch_indices(len(train), step, micro)]
+        def batch(step: int, micro: int) -> dict:
+            """The step's pairs as tensors, with the frozen reference's log-probs (in float32, without gradients; a run
+            visits only a fraction of the pairs, so they are computed per batch) and the completion lengths."""
+            pairs = [train[i] for i in trainer.batch_indices(len(train), step, micro)]
+            sequences = pair_batch(pairs).to(trainer.device)
+            with torch.no_grad():
+                reference = batch_logprobs(ref, sequences)
+            lengths = tuple(torch.tensor([len(pair[which]) for pair in pairs], device=trainer.device) for which in (1, 2))
+            return {"sequences": sequences, "reference": reference, "lengths": lengths}
 
-        def loss(policy, pairs: list) -> tuple[torch.Tensor, dict]:
-            with torch.no_grad():  # the frozen reference, on this batch only (a run visits a fraction of the pairs)
-                ref_c, ref_r = pair_logprobs(ref, pairs)
-            pc, pr = pair_logprobs(policy, pairs)
-            lengths = [torch.tensor([len(pair[which]) for pair in pairs]) for which in (1, 2)]
+        def loss(policy, batch: dict) -> tuple[torch.Tensor, dict]:
+            pc, pr = batch_logprobs(policy, batch["sequences"])
             value, cr, rr = dpo_loss(
                 pc,
                 pr,
-                ref_c,
-                ref_r,
+                *batch["reference"],
                 cfg.beta,
                 loss_type=cfg.loss_type,
                 label_smoothing=cfg.label_smoothing,
-                chosen_lengths=lengths[0],
-                rejected_lengths=lengths[1],
+                chosen_lengths=batch["lengths"][0],
+                rejected_lengths=batch["lengths"][1],
             )
             return value, {
-                "margin": float((cr - rr).mean()),
-                "accuracy": float((cr > rr).float().mean()),
-                "chosen_reward": float(cr.mean()),
-                "rejected_reward": float(rr.mean()),
+                "margin": (cr - rr).mean().detach(),
+                "accuracy": (cr > rr).float().mean(),
+                "chosen_reward": cr.mean().detach(),
+                "rejected_reward": rr.mean().detach(),
             }
 
         def evaluate(policy, step: int) -> dict[str, float]:
@@ -119,7 +131,7 @@ def run_dpo(cfg: DPOConfig) -> Path:
             evaluate=evaluate,
             evaluate_first=True,
             schedule=tc.schedule(),
-            count=len,
+            count=lambda batch: len(batch["lengths"][0]),
             unit="samples",
             plots={"loss.png": ("train/loss", "train/margin", "valid/accuracy", "valid/reward", "valid/kl")},
         )

@@ -121,7 +121,7 @@ def attention_by_matmul(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = N
         v = repeat(v, "b h s d -> b (h g) s d", g=n_heads // n_kv_heads)
     if is_causal:
         mask = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
-    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, T_q, T_k)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * q.shape[-1] ** -0.5  # (B, H, T_q, T_k)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
+    return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(scores.float(), dim=-1).to(v.dtype), v)

@@ -101,3 +101,37 @@ def test_attention_rejects_float_masks_and_bad_heads():
         attention(q, torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4))
     with pytest.raises(TypeError, match="boolean"):
         attention(q, q, q, mask=torch.zeros(2, 2))
+
+
+def attention_cases():
+    """(q, k, v, mask, is_causal): causal, causal + padding, grouped kv heads, and a cache (4 queries, 7 keys)."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g)
+    padding = padding_mask(torch.tensor([[5, 6, 7, 8, 9, 3], [5, 6, 7, 0, 0, 0]]), pad_id=0)
+    return {
+        "causal": (r(2, 4, 6, 8), r(2, 4, 6, 8), r(2, 4, 6, 8), None, True),
+        "causal+padding": (r(2, 4, 6, 8), r(2, 4, 6, 8), r(2, 4, 6, 8), padding, True),
+        "gqa": (r(2, 8, 5, 4), r(2, 2, 5, 4), r(2, 2, 5, 4), None, True),
+        "cache": (r(1, 4, 4, 8), r(1, 2, 7, 8), r(1, 2, 7, 8), None, True),
+        "padding only": (r(2, 4, 6, 8), r(2, 4, 6, 8), r(2, 4, 6, 8), padding, False),
+    }
+
+
+@pytest.mark.parametrize("case", list(attention_cases()))
+def test_compiled_attention_equals_eager(case):
+    """Inside a compiled graph on the CPU `attention` takes its matmul path (attention_by_matmul): same numbers as
+    the eager F.scaled_dot_product_attention path, for every mask and head layout the models use."""
+    q, k, v, mask, is_causal = attention_cases()[case]
+    eager = attention(q, k, v, mask, is_causal=is_causal)
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v, mask, is_causal=is_causal), fullgraph=True)(q, k, v)
+    assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_by_matmul_is_the_explicit_formula():
+    from axon_shared.layers import attention_by_matmul
+
+    q, k, v, _, _ = attention_cases()["gqa"]
+    expected = explicit_attention(q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1), causal_mask(5))
+    assert_close(attention_by_matmul(q, k, v, is_causal=True), expected, atol=1e-5, rtol=1e-5)
+    q, k, v, mask, _ = attention_cases()["padding only"]
+    assert_close(attention_by_matmul(q, k, v, mask), explicit_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)

@@ -219,8 +219,8 @@ class Llama(nn.Module):
             if cache.has_padding:
                 mask = cache.key_mask[:, None, None, : start + length]  # (B, 1, 1, S)
             is_causal = length > 1  # one new token may see every filled slot
-        elif attention_mask is not None and not bool(attention_mask.all()):
-            mask = attention_mask[:, None, None, :]  # (B, 1, 1, T)
+        elif attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
+            mask = attention_mask[:, None, None, :]  # (B, 1, 1, T); a compiled graph cannot look, so it always masks
 
         x = self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
@@ -281,7 +281,7 @@ class Llama(nn.Module):
             self.rope_cos, self.rope_sin = self.rope_tables(weight.device)
         if positions is None:
             return self.rope_cos[start : start + length], self.rope_sin[start : start + length]  # (T, d), shared by all rows
-        if positions.device.type != "meta" and int(positions.max()) >= self.config.max_seq_len:
+        if positions.device.type != "meta" and not torch.compiler.is_compiling() and int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len} (RoPE table size)")
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
 
