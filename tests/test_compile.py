@@ -39,7 +39,11 @@ def test_transformer_compiled(tmp_path):
     runs = {}
     for compiled in (False, True):
         runs[compiled] = tmp_path / str(compiled)
-        train(TrainConfig.from_preset("tiny", model=dict(dropout=0.0), train=dict(out_dir=str(runs[compiled]), **COMPILED | dict(compile=compiled))))
+        train(
+            TrainConfig.from_preset(
+                "tiny", model=dict(dropout=0.0), train=dict(out_dir=str(runs[compiled]), **COMPILED | dict(compile=compiled))
+            )
+        )
     assert_close(losses(runs[True]), losses(runs[False]), rtol=1e-5, atol=0)
 
 
@@ -76,5 +80,8 @@ def test_a_loss_that_breaks_the_graph_is_a_clear_error(tmp_path):
             value = value * 1.0
         return value, {}
 
-    with Trainer(cfg.train, cfg, name="toy") as trainer, pytest.raises(ConfigError, match="does not compile to one graph.*set compile false"):
+    with (
+        Trainer(cfg.train, cfg, name="toy") as trainer,
+        pytest.raises(ConfigError, match="does not compile to one graph.*set compile false"),
+    ):
         trainer.fit(torch.nn.Linear(4, 1), loss=loss, batch=lambda step, micro: torch.ones(2, 5))

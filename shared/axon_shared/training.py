@@ -504,7 +504,9 @@ def _compiled(loss: Callable, name: str, section: str) -> Callable:
             return compiled(*args)
         except torch._dynamo.exc.TorchDynamoException as error:
             cause = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-            raise ConfigError(f"{section}.compile=True: {name}'s training loss does not compile to one graph ({cause}); set compile false") from error
+            raise ConfigError(
+                f"{section}.compile=True: {name}'s training loss does not compile to one graph ({cause}); set compile false"
+            ) from error
 
     return call
 
