@@ -2,8 +2,11 @@
 
 Layouts: `cifar10` (google/ddpm-cifar10-32, 35.7M parameters, built from its config with random weights; nothing is
 downloaded) and `cpu` (this package's CPU preset). For each, the median time of
-- a training step: forward, L_simple on the same x_t/t/eps, backward (Adam step excluded: identical code);
-- a sampling step: one no-grad forward plus the DDPM update (ours: GaussianDiffusion.p_sample; theirs:
+- a training step: forward, L_simple on the same x_t/t/eps, backward (Adam step excluded: identical code), in three
+  precision modes, each side in the same one: fp32 eager, bf16 autocast eager, bf16 autocast + torch.compile (ours
+  fullgraph, as `train.compile` does; diffusers' graph may break), with MFU against the fp32 and bf16 matmul peaks
+  measured in the run (FLOPs counted by PyTorch's FlopCounterMode);
+- a sampling step (fp32): one no-grad forward plus the DDPM update (ours: GaussianDiffusion.p_sample; theirs:
   DDPMScheduler.step), at batch sizes typical for sampling.
 Ratio = diffusers time / our time (> 1: ours is faster). Runs interleaved (ours, theirs, ours, ...) so load
 changes on a shared machine hit both equally. Use: python benchmarks/dali_ddpm_bench.py [--quick]
@@ -13,30 +16,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
+import warnings
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
 from axon_shared.training import count_parameters
+from common import MODES, counted_flops, interleaved, peaks, precision
 from dali_ddpm.config import UNetConfig
 from dali_ddpm.convert import diffusers_unet_kwargs, to_diffusers_state_dict
 from dali_ddpm.diffusion import GaussianDiffusion, beta_schedule
 from dali_ddpm.model import UNet
 
-
-def timed(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
+# diffusers' upsampling calls an lru_cache-wrapped version check that dynamo warns about on every compile
+warnings.filterwarnings("ignore", message="Dynamo detected a call to a `functools.lru_cache`")
 
 
-def bench(preset: str, train_batch: int, sample_batch: int, reps: int) -> list[tuple]:
+def bench(preset: str, train_batch: int, sample_batch: int, reps: int, machine: dict) -> list[tuple]:
     cfg = UNetConfig.from_preset(preset, dropout=0.0)
     torch.manual_seed(0)
     ours = UNet(cfg)
@@ -54,13 +51,21 @@ def bench(preset: str, train_batch: int, sample_batch: int, reps: int) -> list[t
     eps = torch.randn_like(x)
     x_t = diffusion.q_sample(x, t, eps)
 
-    def train_ours():
-        ours.zero_grad(set_to_none=True)
-        F.mse_loss(ours(x_t, t), eps).backward()
+    def train_step(model, mode: str):
+        def loss_of(x_t, t, eps):
+            out = model(x_t, t)
+            return F.mse_loss(out if model is ours else out.sample, eps)
 
-    def train_theirs():
-        theirs.zero_grad(set_to_none=True)
-        F.mse_loss(theirs(x_t, t).sample, eps).backward()
+        # ours must capture one graph (the engine's train.compile); diffusers' UNet may break its graph
+        loss_fn = torch.compile(loss_of, fullgraph=model is ours) if "compiled" in mode else loss_of
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            with precision(mode):
+                loss = loss_fn(x_t, t, eps)
+            loss.backward()
+
+        return step
 
     xs = torch.randn(sample_batch, c, s, s)
     ts = torch.full((sample_batch,), 500)
@@ -77,18 +82,16 @@ def bench(preset: str, train_batch: int, sample_batch: int, reps: int) -> list[t
 
     with torch.no_grad():
         assert torch.allclose(ours(xs[:2], ts[:2]), theirs(xs[:2], ts[:2]).sample, atol=1e-4), "outputs differ: not the same model"
+    params = f"{count_parameters(ours) / 1e6:.2f}M"
+    flops = counted_flops(train_step(ours, "fp32 eager"))
     rows = []
-    for name, a, b, batch in [
-        ("train step", train_ours, train_theirs, train_batch),
-        ("sampling step", sample_ours, sample_theirs, sample_batch),
-    ]:
-        a(), b()  # warm-up
-        ta, tb = [], []
-        for _ in range(reps):
-            ta += timed(a, 1)
-            tb += timed(b, 1)
-        ma, mb = statistics.median(ta), statistics.median(tb)
-        rows.append((preset, f"{count_parameters(ours) / 1e6:.2f}M", name, batch, ma * 1e3, mb * 1e3, mb / ma))
+    for mode in MODES:
+        ma, mb = interleaved([train_step(ours, mode), train_step(theirs, mode)], reps, warmup=2)
+        mfu = (flops / ma / machine["fp32"], flops / ma / machine["bf16"], flops / mb / machine["bf16"])
+        rows.append((preset, params, f"train, {mode}", train_batch, ma * 1e3, mb * 1e3, mb / ma, *mfu))
+        torch._dynamo.reset()
+    ma, mb = interleaved([sample_ours, sample_theirs], reps, warmup=1)
+    rows.append((preset, params, "sample, fp32", sample_batch, ma * 1e3, mb * 1e3, mb / ma, None, None, None))
     return rows
 
 
@@ -100,17 +103,25 @@ def main() -> None:
     if threads:
         torch.set_num_threads(threads)
     reps = 2 if args.quick else 5
+    machine = peaks(512 if args.quick else 1024)
     plans = [("cpu", 8, 16), ("cifar10", 1, 2)] if args.quick else [("cpu", 64, 128), ("cifar10", 4, 16)]
     rows = []
     for preset, train_batch, sample_batch in plans:
-        rows += bench(preset, train_batch, sample_batch, reps)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of {reps} interleaved runs")
-    header = f"{'layout':<8} {'params':>7} {'measure':<14} {'batch':>5} {'ours ms':>9} {'diffusers ms':>13} {'ratio':>6}"
+        rows += bench(preset, train_batch, sample_batch, reps, machine)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), median of {reps} interleaved runs; measured matmul peak "
+        f"fp32 {machine['fp32'] / 1e9:.0f} GFLOP/s, bf16 {machine['bf16'] / 1e9:.0f} GFLOP/s"
+    )
+    header = (
+        f"{'layout':<8} {'params':>7} {'measure':<22} {'batch':>5} {'ours ms':>9} {'diffusers ms':>13} {'ratio':>6}"
+        f" {'MFU fp32':>9} {'MFU bf16':>9} {'theirs bf16':>12}"
+    )
     print(header)
     print("-" * len(header))
-    for preset, params, name, batch, ma, mb, ratio in rows:
-        print(f"{preset:<8} {params:>7} {name:<14} {batch:>5} {ma:>9.1f} {mb:>13.1f} {ratio:>6.2f}")
-    print("ratio = diffusers time / our time (> 1: ours faster)")
+    for preset, params, name, batch, ma, mb, ratio, *mfu in rows:
+        cells = " ".join(f"{m:>{w}.1%}" if m is not None else " " * w for m, w in zip(mfu, (9, 9, 12)))
+        print(f"{preset:<8} {params:>7} {name:<22} {batch:>5} {ma:>9.1f} {mb:>13.1f} {ratio:>6.2f} {cells}")
+    print("ratio = diffusers time / our time (> 1: ours faster); MFU: counted training FLOPs / time / measured peak")
 
 
 if __name__ == "__main__":

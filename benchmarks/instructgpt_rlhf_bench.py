@@ -1,9 +1,13 @@
 """instructgpt_rlhf benchmark: ours vs the reference libraries, same process, same x_llama weights and batches.
 
-1. DPO training step (policy forward+backward, reference forward, AdamW step): our `pair_logprobs` + `dpo_loss`
-   vs trl 1.16 `DPOTrainer.compute_loss` on x_llama's HF wrapper. Throughput in tokens/s (non-pad tokens).
-2. PPO rollout: our sampler (x_llama `generate`, KV cache, left-padded batches) vs transformers' `generate()` on the
-   HF wrapper (do_sample, same temperature, no top-k). Generated tokens/s.
+1. DPO training step (policy forward+backward, reference forward, AdamW step): our `batch_logprobs` + `dpo_loss`
+   (what `run_dpo` runs) vs trl's `DPOTrainer.compute_loss` on `transformers.LlamaForCausalLM` holding the same
+   weights (`to_hf`). Three precision modes, each side in the same one: fp32 eager, bf16 autocast eager, bf16
+   autocast + torch.compile (ours: the policy's loss in one graph, as `train.compile` does; trl: the policy model
+   compiled, graph breaks allowed). Our frozen reference runs in fp32 without gradients in every mode, as
+   `run_dpo` does; trl's runs in the mode. Throughput in tokens/s (non-pad tokens).
+2. PPO rollout: our sampler (x_llama `generate`, KV cache, left-padded batches) vs transformers' `generate()` on
+   `LlamaForCausalLM` with its own KV cache (do_sample, same temperature, no top-k). Generated tokens/s.
 3. A whole PPO iteration (rollout + scoring + GAE + minibatch updates) with our rollout vs with the HF rollout.
 
 Run: python benchmarks/instructgpt_rlhf_bench.py [--quick]   (prints a table; ratio = ours / theirs speed)
@@ -17,6 +21,8 @@ import os
 import time
 
 import torch
+
+from common import MODES, interleaved, precision
 
 
 def timeit(fn, repeats: int, warmup: int = 1) -> float:
@@ -47,18 +53,20 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("AXON_THREADS", 0)) or torch.get_num_threads())
 
     import datasets
+    import trl
     from trl import DPOConfig, DPOTrainer
 
     from instructgpt_rlhf import ppo as ppo_module
     from instructgpt_rlhf.config import PPOConfig, PPOTrain, SamplingConfig
-    from instructgpt_rlhf.dpo import pair_logprobs
+    from instructgpt_rlhf.dpo import batch_logprobs, pair_batch
     from instructgpt_rlhf.losses import AdaptiveKLController, dpo_loss
     from instructgpt_rlhf.model import ScalarHeadModel
     from instructgpt_rlhf.ppo import ppo_iteration
     from x_llama import Llama, LlamaConfig
-    from x_llama.hf import XLlamaForCausalLM
+    from x_llama.hf import to_hf
 
     quick = args.quick
+    trl_version = trl.__version__
     if quick:
         config = LlamaConfig.from_preset("tiny")
         pairs_n, new_tokens, gen_batch, repeats = 4, 8, 8, 1
@@ -83,48 +91,74 @@ def main() -> None:
     ]
     rows = []
 
-    # ---- 1. DPO step ------------------------------------------------------------------------------------------
+    # ---- 1. DPO step, in each precision mode --------------------------------------------------------------------
     tok = word_tokenizer(V)
-    trl_policy = XLlamaForCausalLM.from_llama(copy.deepcopy(policy), eos_token_id=2, bos_token_id=1, pad_token_id=3)
-    trl_ref = XLlamaForCausalLM.from_llama(copy.deepcopy(policy), eos_token_id=2, bos_token_id=1, pad_token_id=3)
+
+    def hf_llama(model):
+        hf = to_hf(copy.deepcopy(model), attn_implementation="sdpa")
+        hf.config.update(dict(eos_token_id=2, bos_token_id=1, pad_token_id=3))
+        return hf
+
     dpo_args = DPOConfig(
         output_dir="/tmp/instructgpt_rlhf_bench", bf16=False, use_cpu=True, report_to="none", per_device_train_batch_size=pairs_n, beta=0.1
     )
     trainer = DPOTrainer(
-        model=trl_policy, ref_model=trl_ref, args=dpo_args, train_dataset=datasets.Dataset.from_list(data), processing_class=tok
+        model=hf_llama(policy),
+        ref_model=hf_llama(policy),
+        args=dpo_args,
+        train_dataset=datasets.Dataset.from_list(data),
+        processing_class=tok,
     )
     examples = [trainer.train_dataset[i] for i in range(pairs_n)]
-    batch = trainer.data_collator(examples)
-    n_tokens = int(batch["attention_mask"].sum())
-    trl_opt = torch.optim.AdamW(trainer.model.parameters(), lr=1e-5)
-
-    def trl_step():
-        trainer.model.train()
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-        trl_opt.step()
-        trl_opt.zero_grad()
-
-    ours_policy, ours_ref = copy.deepcopy(policy), copy.deepcopy(policy).eval().requires_grad_(False)
+    trl_batch = trainer.data_collator(examples)
+    n_tokens = int(trl_batch["attention_mask"].sum())
     pairs = [(e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]) for e in examples]
-    our_opt = torch.optim.AdamW(ours_policy.parameters(), lr=1e-5)
+    ours_batch = pair_batch(pairs)
 
-    def our_step():
-        with torch.no_grad():
-            rc, rr = pair_logprobs(ours_ref, pairs)
-        pc, pr = pair_logprobs(ours_policy, pairs)
-        loss, _, _ = dpo_loss(pc, pr, rc, rr, 0.1)
-        loss.backward()
-        our_opt.step()
-        our_opt.zero_grad()
+    def trl_step_fn(mode):
+        model = trainer.model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        compiled = torch.compile(model) if "compiled" in mode else model
 
-    t_trl, t_ours = timeit(trl_step, repeats), timeit(our_step, repeats)
-    rows.append(("DPO step (tokens/s)", n_tokens / t_ours, n_tokens / t_trl))
+        def step():
+            model.train()
+            with precision(mode):
+                loss = trainer.compute_loss(compiled, trl_batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        return step
+
+    def our_step_fn(mode, ours_policy, ours_ref):
+        optimizer = torch.optim.AdamW(ours_policy.parameters(), lr=1e-5)
+
+        def loss_of(batch, reference_chosen, reference_rejected):
+            return dpo_loss(*batch_logprobs(ours_policy, batch), reference_chosen, reference_rejected, 0.1)[0]
+
+        loss_fn = torch.compile(loss_of, fullgraph=True) if "compiled" in mode else loss_of
+
+        def step():
+            with torch.no_grad():
+                reference = batch_logprobs(ours_ref, ours_batch)
+            with precision(mode):
+                loss = loss_fn(ours_batch, *reference)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        return step
+
+    for mode in MODES:
+        ours_policy, ours_ref = copy.deepcopy(policy), copy.deepcopy(policy).eval().requires_grad_(False)
+        t_ours, t_trl = interleaved([our_step_fn(mode, ours_policy, ours_ref), trl_step_fn(mode)], repeats, warmup=2)
+        rows.append((f"DPO step, {mode} (tokens/s)", n_tokens / t_ours, n_tokens / t_trl, f"trl {trl_version} DPOTrainer.compute_loss"))
+        torch._dynamo.reset()
 
     # ---- 2. rollout -------------------------------------------------------------------------------------------
     prompts = [[1] + torch.randint(4, V, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist() for _ in range(gen_batch)]
     sampling = SamplingConfig(max_new_tokens=new_tokens, batch_size=gen_batch, temperature=1.0)
-    hf = XLlamaForCausalLM.from_llama(policy, eos_token_id=None, bos_token_id=1, pad_token_id=0).eval()
+    hf = to_hf(policy, attn_implementation="sdpa").eval()  # transformers' Llama, its own dynamic KV cache in generate()
 
     def hf_rollout(model_prompts):
         from x_llama.generation import left_pad
@@ -150,9 +184,10 @@ def main() -> None:
         return generate(policy, model_prompts, max_new_tokens=new_tokens, temperature=1.0, eos_id=None)
 
     gen_tokens = gen_batch * new_tokens  # EOS disabled on both sides: every row decodes max_new_tokens
-    t_hf = timeit(lambda: hf_rollout(prompts), repeats)
-    t_our = timeit(lambda: ours_rollout(prompts), repeats)
-    rows.append(("PPO rollout (generated tokens/s)", gen_tokens / t_our, gen_tokens / t_hf))
+    t_our, t_hf = interleaved([lambda: ours_rollout(prompts), lambda: hf_rollout(prompts)], repeats, warmup=1)
+    rows.append(
+        ("PPO rollout (generated tokens/s)", gen_tokens / t_our, gen_tokens / t_hf, "transformers LlamaForCausalLM.generate() + KV cache")
+    )
 
     # ---- 3. whole PPO iteration ------------------------------------------------------------------------------
     cfg = PPOConfig(ppo_epochs=2, minibatch_size=gen_batch // 4, sampling=sampling, train=PPOTrain(batch_size=gen_batch, lr=1e-5))
@@ -182,16 +217,15 @@ def main() -> None:
         t_iter_hf = timeit(iteration, max(1, repeats - 1))
     finally:
         ppo_module.sample_completions = original
-    rows.append(("PPO iteration (iterations/s)", 1 / t_iter_ours, 1 / t_iter_hf))
+    rows.append(("PPO iteration (iterations/s)", 1 / t_iter_ours, 1 / t_iter_hf, "same update, HF generate() rollout"))
 
     threads = torch.get_num_threads()
     print(
         f"instructgpt_rlhf benchmark: x_llama dim={config.dim} layers={config.n_layers} vocab={V}, {threads} thread(s){' (quick)' if quick else ''}"
     )
-    print(f"{'measure':<36} {'ours':>12} {'reference':>12} {'ours/ref':>9}   reference")
-    refs = ["trl 1.16 DPOTrainer.compute_loss", "transformers generate() (HF wrapper)", "same update, HF generate() rollout"]
-    for (name, ours, theirs), ref_name in zip(rows, refs):
-        print(f"{name:<36} {ours:>12.4g} {theirs:>12.4g} {ours / theirs:>8.2f}x   {ref_name}")
+    print(f"{'measure':<42} {'ours':>12} {'reference':>12} {'ours/ref':>9}   reference")
+    for name, ours, theirs, ref_name in rows:
+        print(f"{name:<42} {ours:>12.4g} {theirs:>12.4g} {ours / theirs:>8.2f}x   {ref_name}")
 
 
 if __name__ == "__main__":

@@ -2,21 +2,23 @@
 
     python benchmarks/transformer_bench.py [--quick] [--preset cpu]
 
-Measures training throughput (target tokens/s of forward + backward + Adam step, dropout on) and beam-4
-decoding throughput (sentences/s, fixed output length so both do the same work), and prints ours/theirs.
-Set AXON_THREADS=1 to measure on one thread, as the README's numbers were.
+Measures training throughput (target tokens/s of forward + backward + Adam step, dropout on) in three precision
+modes, each side in the same one: fp32 eager, bf16 autocast eager, bf16 autocast + torch.compile (ours with
+fullgraph, the model and the loss in one graph as `train.compile` does; Marian the same loss function compiled,
+graph breaks allowed), with MFU against the fp32 and bf16 matmul peaks measured in the run (FLOPs counted by
+PyTorch's FlopCounterMode); then beam-4 decoding throughput in fp32 (sentences/s, fixed output length so both do
+the same work). Ratios are ours / theirs speed. AXON_THREADS sets the thread count (default: all).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 from transformers import MarianConfig, MarianMTModel
 
+from common import MODES, counted_flops, interleaved, peaks, precision
 from transformer import Transformer, TransformerConfig, beam_search, label_smoothed_loss
 
 
@@ -62,20 +64,6 @@ def make_batch(cfg: TransformerConfig, batch: int, length: int, seed: int = 0):
     return src, tgt_in, tgt_out
 
 
-def interleaved_times(fns: list, rounds: int) -> list[float]:
-    """Median seconds per call of each function, calling them in alternation (one warm-up call each), so that
-    load from other processes on a shared machine hits both sides alike."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 1 repetition")
@@ -97,28 +85,54 @@ def main() -> None:
         f"{sum(p.numel() for p in theirs.parameters()):,}; torch threads {torch.get_num_threads()}"
     )
 
-    # ---- training: same batch, same loss function on the logits, Adam step -------------------------------------
-    def train_step(model, forward):
+    # ---- training: same batch, same loss function on the logits, Adam step, in each precision mode -------------
+    machine = peaks(512 if args.quick else 1024)
+    src_mask = (src != cfg.pad_id).long()
+
+    def train_step(model, forward, mode):
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
 
+        def loss_of(src, tgt_in, tgt_out):
+            loss, _, n = label_smoothed_loss(forward(model, src, tgt_in), tgt_out, epsilon=0.1, pad_id=cfg.pad_id)
+            return loss / n
+
+        # ours must capture one graph (the engine's train.compile); Marian may break its graph
+        loss_fn = torch.compile(loss_of, fullgraph=model is not theirs) if "compiled" in mode else loss_of
+
         def step():
-            loss, _, n = label_smoothed_loss(forward(), tgt_out, epsilon=0.1, pad_id=cfg.pad_id)
+            with precision(mode):
+                loss = loss_fn(src, tgt_in, tgt_out)
             optimizer.zero_grad(set_to_none=True)
-            (loss / n).backward()
+            loss.backward()
             optimizer.step()
 
         return step
 
+    def ours_forward(model, src, tgt_in):
+        return model(src, tgt_in)
+
+    def marian_forward(model, src, tgt_in):
+        return model(input_ids=src, attention_mask=(src != cfg.pad_id).long(), decoder_input_ids=tgt_in).logits
+
     ours.train(), theirs.train()
-    src_mask = (src != cfg.pad_id).long()
-    t_ours, t_theirs = interleaved_times(
-        [
-            train_step(ours, lambda: ours(src, tgt_in)),
-            train_step(theirs, lambda: theirs(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt_in).logits),
-        ],
-        steps,
+    flops = counted_flops(train_step(ours, ours_forward, "fp32 eager"))
+    rows = []
+    for mode in MODES:
+        torch.manual_seed(0)
+        t_ours, t_theirs = interleaved([train_step(ours, ours_forward, mode), train_step(theirs, marian_forward, mode)], steps)
+        rows.append((mode, n_tokens / t_ours, n_tokens / t_theirs, flops / t_ours, flops / t_theirs))
+        torch._dynamo.reset()
+    print(
+        f"measured matmul peak: fp32 {machine['fp32'] / 1e9:.0f} GFLOP/s, bf16 {machine['bf16'] / 1e9:.0f} GFLOP/s; "
+        f"training step {flops / 1e9:.1f} GFLOP (FlopCounterMode), {batch} sentences, {n_tokens} target tokens, "
+        f"medians of {steps} interleaved steps"
     )
-    rows = [("training tokens/s", n_tokens / t_ours, n_tokens / t_theirs)]
+    print(f"{'training mode':<15}{'ours tok/s':>11}{'Marian tok/s':>13}{'ratio':>8}{'MFU fp32':>10}{'MFU bf16':>10}{'Marian MFU bf16':>17}")
+    for mode, ours_speed, theirs_speed, ours_flops, theirs_flops in rows:
+        print(
+            f"{mode:<15}{ours_speed:>11,.0f}{theirs_speed:>13,.0f}{ours_speed / theirs_speed:>7.2f}x{ours_flops / machine['fp32']:>10.1%}"
+            f"{ours_flops / machine['bf16']:>10.1%}{theirs_flops / machine['bf16']:>17.1%}"
+        )
 
     # ---- beam-4 decoding: fixed output length (eos banned before out_len tokens in both) ---------------------------
     ours.eval(), theirs.eval()
@@ -134,18 +148,14 @@ def main() -> None:
     def decode_theirs():
         outputs["theirs"] = theirs.generate(input_ids=dec_src, attention_mask=dec_mask, **kwargs)
 
-    t_ours, t_theirs = interleaved_times([decode_ours, decode_theirs], decode_rounds)
+    t_ours, t_theirs = interleaved([decode_ours, decode_theirs], decode_rounds, warmup=1)
     ours_len = sum(len(h[0].tokens) for h in outputs["ours"]) / n_sentences
     theirs_len = (outputs["theirs"][:, 1:] != cfg.pad_id).sum(1).float().mean().item()
-    rows.append(("beam-4 sentences/s", n_sentences / t_ours, n_sentences / t_theirs))
-
     print(
-        f"training batch: {batch} sentences, {n_tokens} target tokens; decoding: {n_sentences} sentences; medians of {steps} / {decode_rounds} interleaved repetitions; "
-        f"mean output tokens ours {ours_len:.1f} (+ eos) / Marian {theirs_len:.1f} (incl. eos)"
+        f"\nbeam-4 decoding, fp32, {n_sentences} sentences, medians of {decode_rounds} interleaved runs; mean output tokens "
+        f"ours {ours_len:.1f} (+ eos) / Marian {theirs_len:.1f} (incl. eos): ours {n_sentences / t_ours:.1f} sentences/s, "
+        f"Marian {n_sentences / t_theirs:.1f} -> {t_theirs / t_ours:.2f}x"
     )
-    print(f"{'metric':<22}{'ours':>12}{'Marian':>12}{'ours/theirs':>14}")
-    for name, a, b in rows:
-        print(f"{name:<22}{a:>12.1f}{b:>12.1f}{a / b:>14.2f}")
 
 
 if __name__ == "__main__":

@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 import transformers
 
+from common import MODES, interleaved, peaks, precision
 from x_llama import Llama, LlamaConfig, generate, lm_loss
 from x_llama.hf import to_hf
 from x_llama.train import training_flops_per_token
 
 warnings.filterwarnings("ignore")
 transformers.logging.set_verbosity_error()
-MODES = ("fp32 eager", "bf16 eager", "bf16 compiled")
 
 
 def timed(fn, repeats: int) -> float:
@@ -53,33 +53,6 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def interleaved(fns: list, repeats: int, warmup: int = 2) -> list[float]:
-    """Median seconds of each fn, timed in turn (a, b, a, b, ...) so both see the same machine load."""
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, bucket in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
-
-def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 30) -> float:
-    """Best measured matmul throughput (FLOP/s) in `dtype`, the MFU denominator: the fastest of `repeats` square
-    matmuls (the machine is shared, so the best run is the closest to the hardware's peak)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
 def train_step_fn(model, tokens, hf: bool, mode: str):
     """One optimizer step in `mode`: the loss under bf16 autocast or not, compiled (with the model call) or not."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -93,7 +66,7 @@ def train_step_fn(model, tokens, hf: bool, mode: str):
     loss_fn = torch.compile(loss_of, fullgraph=not hf) if "compiled" in mode else loss_of
 
     def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in mode):
+        with precision(mode):
             loss = loss_fn(inputs, targets)
         loss.backward()
         optimizer.step()
@@ -188,14 +161,33 @@ def compare_runs(run_dirs: list[str]) -> None:
         )
 
 
-def scaling(quick: bool, peaks: dict, out_dir: Path) -> None:
-    """How cost grows: training (bf16 compiled) at 1x, 4x, 16x the cpu preset's parameters; decode ms/token at
-    context 128, 512, 2048; peak resident memory of a training step against batch size (one process each)."""
+def plot_scaling(result: dict, path: Path) -> None:
+    """The three panels of --scaling: MFU against parameters, decode ms/token against context, memory against batch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot([r["params"] / 1e6 for r in result["training"]], [r["mfu_bf16"] for r in result["training"]], "o-")
+    axes[0].set(xscale="log", xlabel="parameters (M)", ylabel="MFU vs bf16 peak", title="training, bf16 compiled")
+    sizes = [r["params"] / 1e6 for r in result["training"]]
+    axes[0].set_xticks(sizes, [f"{m:.1f}" for m in sizes])
+    axes[0].minorticks_off()
+    axes[1].plot([r["context"] for r in result["decode"]], [r["ms_per_token"] for r in result["decode"]], "o-")
+    axes[1].set(xscale="log", xlabel="context (tokens)", ylabel="ms / token", title="cached decode, batch 1")
+    contexts = [r["context"] for r in result["decode"]]
+    axes[1].set_xticks(contexts, [str(c) for c in contexts])
+    axes[1].minorticks_off()
+    axes[2].plot([r["batch"] for r in result["memory"]], [r["peak_mib"] for r in result["memory"]], "o-")
+    axes[2].set(xlabel="batch size (x 256 tokens)", ylabel="peak RSS (MiB)", title="training memory, bf16")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def scaling(quick: bool, peaks: dict, out_dir: Path) -> None:
+    """How cost grows: training (bf16 compiled) at 1x, 4x, 16x the cpu preset's parameters; decode ms/token at
+    context 128, 512, 2048; peak resident memory of a training step against batch size (one process each)."""
     base = LlamaConfig.from_preset("cpu")
     sizes = {"1x": base, "4x": base.replace(dim=512, n_layers=8), "16x": base.replace(dim=1024, n_layers=8, n_heads=16, n_kv_heads=4)}
     if quick:
@@ -227,11 +219,12 @@ def scaling(quick: bool, peaks: dict, out_dir: Path) -> None:
     print(f"\npeak resident memory of training steps (bf16 eager, cpu preset, seq 256)\n{'batch':<7}{'peak MiB':>10}")
     for batch in (1, 4) if quick else (1, 4, 16, 32):
         code = (
-            "import resource, torch; from x_llama import Llama, LlamaConfig, lm_loss; torch.set_num_threads(1);"
+            "import torch; from x_llama import Llama, LlamaConfig, lm_loss; torch.set_num_threads(1);"
             f"m = Llama(LlamaConfig.from_preset('cpu')).train(); t = torch.randint(3, 4096, ({batch}, 257));"
             "opt = torch.optim.AdamW(m.parameters());"
             "exec('for _ in range(2):\\n with torch.autocast(\\'cpu\\', dtype=torch.bfloat16): l = lm_loss(m(t[:, :-1]), t[:, 1:])\\n l.backward(); opt.step(); opt.zero_grad()');"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+            # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent across exec
+            "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')][0])"
         )
         peak_kib = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()[-1])
         result["memory"].append({"batch": batch, "peak_mib": peak_kib / 1024})
@@ -239,15 +232,7 @@ def scaling(quick: bool, peaks: dict, out_dir: Path) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "x_llama_scaling.json").write_text(json.dumps(result, indent=1))
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot([r["params"] / 1e6 for r in result["training"]], [r["mfu_bf16"] for r in result["training"]], "o-")
-    axes[0].set(xscale="log", xlabel="parameters (M)", ylabel="MFU vs bf16 peak", title="training, bf16 compiled")
-    axes[1].plot([r["context"] for r in result["decode"]], [r["ms_per_token"] for r in result["decode"]], "o-")
-    axes[1].set(xscale="log", xlabel="context (tokens)", ylabel="ms / token", title="cached decode, batch 1")
-    axes[2].plot([r["batch"] for r in result["memory"]], [r["peak_mib"] for r in result["memory"]], "o-")
-    axes[2].set(xlabel="batch size (x 256 tokens)", ylabel="peak RSS (MiB)", title="training memory, bf16")
-    figure.tight_layout()
-    figure.savefig(out_dir / "x_llama_scaling.png", dpi=110)
+    plot_scaling(result, out_dir / "x_llama_scaling.png")
     print(f"\nwrote {out_dir / 'x_llama_scaling.png'} and .json")
 
 
@@ -273,16 +258,16 @@ def main() -> None:
         f"(dim {config.dim}, {config.n_layers} layers, {config.n_heads}/{config.kv_heads} q/kv heads, vocab {config.vocab_size})"
     )
     size = 512 if quick else 1024
-    peaks = {"fp32": matmul_peak(torch.float32, size), "bf16": matmul_peak(torch.bfloat16, size)}
-    print(f"measured matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    machine = peaks(size)
+    print(f"measured matmul peak: fp32 {machine['fp32'] / 1e9:.0f} GFLOP/s, bf16 {machine['bf16'] / 1e9:.0f} GFLOP/s")
     if args.scaling:
-        scaling(quick, peaks, Path(args.out_dir))
+        scaling(quick, machine, Path(args.out_dir))
         return
 
     batch, seq = (4, 128) if quick else (8, 256)
     print(f"\ntraining step, batch {batch} x {seq} tokens (tokens/s; ratio = ours / theirs, > 1: x_llama faster)")
     print(f"{'mode':<15}{'x_llama':>10}{'transformers':>14}{'ratio':>8}{'MFU fp32':>10}{'MFU bf16':>10}{'theirs MFU bf16':>17}")
-    for row in training_rows(config, batch, seq, repeats, peaks):
+    for row in training_rows(config, batch, seq, repeats, machine):
         print(
             f"{row['mode']:<15}{row['ours']:>10,.0f}{row['theirs']:>14,.0f}{row['ratio']:>7.2f}x{row['mfu_fp32']:>10.1%}"
             f"{row['mfu_bf16']:>10.1%}{row['theirs_mfu_bf16']:>17.1%}"
