@@ -60,6 +60,46 @@ def test_dali_ddpm_compiled(tmp_path, monkeypatch):
     assert_close(losses(tmp_path), RECORDED["dali_ddpm"][:STEPS], rtol=1e-5, atol=0)
 
 
+def test_dpo_loss_compiled():
+    """instructgpt_rlhf's DPO step (`batch_logprobs` of the [chosen; rejected] batch, then `dpo_loss`, what
+    `run_dpo`'s loss runs) compiles to one graph and gives the eager loss and gradients. (SFT, the reward model and
+    PPO train with the same x_llama forward; their tiny runs are covered by the regression test in eager mode.)"""
+    import torch
+
+    from instructgpt_rlhf.dpo import batch_logprobs, pair_batch
+    from instructgpt_rlhf.losses import dpo_loss
+    from x_llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig.from_preset("tiny")
+    policy, reference = Llama(config), Llama(config).eval()
+    gen = torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, config.vocab_size, (n,), generator=gen).tolist()
+
+    pairs = [([1, *ids(3 + i)], ids(5 + 2 * i), ids(9 - i)) for i in range(4)]
+    batch = pair_batch(pairs)
+    with torch.no_grad():
+        ref_chosen, ref_rejected = batch_logprobs(reference, batch)
+    lengths = [torch.tensor([len(pair[which]) for pair in pairs]) for which in (1, 2)]
+
+    def loss(model, batch):
+        chosen, rejected = batch_logprobs(model, batch)
+        return dpo_loss(chosen, rejected, ref_chosen, ref_rejected, 0.1, chosen_lengths=lengths[0], rejected_lengths=lengths[1])[0]
+
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True)):
+        policy.zero_grad()
+        value = fn(policy, batch)
+        value.backward()
+        results.append((value.detach(), [p.grad.clone() for p in policy.parameters()]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled_grads, eager_grads):
+        assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_a_loss_that_breaks_the_graph_is_a_clear_error(tmp_path):
     import dataclasses
 
