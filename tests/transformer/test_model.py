@@ -212,6 +212,49 @@ def test_weights_tied_after_load_and_ddp(tmp_path):
         dist.destroy_process_group()
 
 
+class Untied(Transformer):
+    """The same network with a separate pre-softmax matrix: the reference the tied model is checked against."""
+
+    def __init__(self, config: TransformerConfig, output: torch.Tensor):
+        super().__init__(config)
+        self.output = nn.Parameter(output.clone())
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.output
+
+
+def test_tied_matrix_gets_the_gradient_of_both_uses():
+    """Section 3.4 shares one matrix between the embeddings and the pre-softmax projection, so its gradient is
+    the sum of the gradients of the two uses. An untied copy of the model (same values, a separate output matrix)
+    computes the two parts apart: the tied gradient must equal their sum, and each part must be non-zero (so a
+    projection through a detached copy, or an embedding lookup outside the graph, would fail here)."""
+    config = small_config()
+    tied = randomize(Transformer(config))
+    untied = Untied(config, tied.embedding.weight.detach())
+    untied.load_state_dict(tied.state_dict() | {"output": tied.embedding.weight.detach()})
+    src, tgt = batch()
+    for model in (tied, untied):
+        model(src, tgt).log_softmax(-1)[..., 5].mean().backward()
+    as_input, as_output = untied.embedding.weight.grad, untied.output.grad
+    assert as_input.abs().max() > 1e-4 and as_output.abs().max() > 1e-4
+    assert_close(tied.embedding.weight.grad, as_input + as_output, rtol=1e-5, atol=1e-7)
+    # the optimizer holds the shared matrix once: one parameter tensor of shape (V, d), counted once
+    shapes = [tuple(p.shape) for p in tied.parameters()]
+    assert shapes.count((config.vocab_size, config.d_model)) == 1
+    assert count_parameters(untied) - count_parameters(tied) == config.vocab_size * config.d_model
+
+
+def test_checkpoint_with_a_separate_output_matrix_is_refused(tmp_path):
+    """A checkpoint whose output projection is a tensor of its own (an untied model, or weights converted from a
+    library that stores both) cannot load into the tied model silently: strict loading names the extra tensor."""
+    config = small_config()
+    untied = Untied(config, torch.randn(config.vocab_size, config.d_model))
+    path = save_checkpoint(tmp_path / "untied.safetensors", model=untied)
+    with pytest.raises(Exception, match="output"):
+        load_checkpoint(path).restore(Transformer(config))
+
+
 @pytest.mark.parametrize(
     "preset, expected",
     [
