@@ -18,8 +18,9 @@ from .model import Llama
 
 @dataclass
 class Generation:
-    """`generate(..., return_logprobs=True)` result: new tokens per row and log p(token) under the sampling
-    distribution softmax(logits / temperature) *before* top-k/top-p filtering (plain softmax when greedy)."""
+    """`generate(..., return_logprobs=True)` result: new tokens per row and log p(token) under softmax(logits /
+    temperature) *before* top-k/top-p filtering (plain softmax when greedy). Without filtering that is the sampling
+    policy's log-prob; with filtering the token came from the truncated, renormalised distribution instead."""
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
