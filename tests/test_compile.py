@@ -47,16 +47,18 @@ def test_transformer_compiled(tmp_path):
     assert_close(losses(runs[True]), losses(runs[False]), rtol=1e-5, atol=0)
 
 
-def test_dali_ddpm_compiled(tmp_path, monkeypatch):
+def test_dali_ddpm_compiled(tmp_path):
     """The loss draws t and the noise inside the graph: with fallback_random the compiled graph draws them from
     torch's generator as eager code does, so the numbers are comparable."""
     import torch._inductor.config
 
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     from dali_ddpm.config import DDPMConfig
     from dali_ddpm.train import train
 
-    train(DDPMConfig.from_preset("tiny", train=dict(out_dir=str(tmp_path), sample_every=1000, **COMPILED)))
+    # inductor's own patch context (pytest's monkeypatch deletes the option on undo: the config module has no
+    # such attribute, only a __getattr__, and later compiles then fail on the missing option)
+    with torch._inductor.config.patch(fallback_random=True):
+        train(DDPMConfig.from_preset("tiny", train=dict(out_dir=str(tmp_path), sample_every=1000, **COMPILED)))
     assert_close(losses(tmp_path), RECORDED["dali_ddpm"][:STEPS], rtol=1e-5, atol=0)
 
 

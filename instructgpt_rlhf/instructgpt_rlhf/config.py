@@ -73,6 +73,7 @@ class PPOTrain(TrainSection):
     eval_every: int = 10
     checkpoint_every: int = 10
     log_every: int = 1
+    bf16: bool = True  # the forward passes after the rollout (`ppo_iteration`); sampling stays float32
 
 
 @dataclass
@@ -85,6 +86,7 @@ class DPOTrain(TrainSection):
     max_minutes: float | None = 3.0
     eval_every: int = 65
     checkpoint_every: int = 65
+    bf16: bool = True  # the policy's forward; the frozen reference's log-probs stay float32
 
 
 @dataclass
@@ -221,6 +223,7 @@ class PPOConfig(AxonConfig):
                 log_every=10,
                 eval_every=3,
                 checkpoint_every=2,
+                bf16=False,
                 progress=False,
             ),
         ),
@@ -269,6 +272,7 @@ class DPOConfig(AxonConfig):
                 max_minutes=None,
                 eval_every=2,
                 checkpoint_every=2,
+                bf16=False,
                 progress=False,
             ),
         ),

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from axon_shared.seed import seed_everything
-from axon_shared.training import Trainer
+from axon_shared.training import Trainer, bf16_autocast
 
 from .config import PPOConfig
 from .data import Batch, collate, split_prompts
@@ -67,11 +67,17 @@ def ppo_iteration(
     kl_ctl: AdaptiveKLController,
     eos_id: int,
     ptx_fn=None,
+    bf16: bool = False,
 ):
     """One PPO iteration: rollout -> rewards -> GAE -> `ppo_epochs` passes of minibatch updates.
     score_fn(batch, completions) -> (B,) sequence scores (the RM; any function in tests); update(loss) does one
-    optimizer update (backward, clip, step: the training loop's `Trainer.update`). Returns (metrics, completions)."""
+    optimizer update (backward, clip, step: the training loop's `Trainer.update`). Returns (metrics, completions).
+
+    bf16 (`train.bf16`): the forward passes after the rollout run under bf16 autocast, the old, reference and
+    updated log-probs alike (so the probability ratio starts at 1 up to the rounding of different batch shapes);
+    the sampling itself and every loss stay float32."""
     s, T, mb = cfg.sampling, cfg.sampling.temperature, cfg.minibatch_size
+    device = next(policy.parameters()).device
     # ---- rollout --------------------------------------------------------------------------------------------
     policy.eval()
     value.eval()
@@ -80,10 +86,12 @@ def ppo_iteration(
     B = len(prompts)
     mask = batch.label_mask.float()
     with torch.no_grad():
-        old_logprobs, logits = per_token_logprobs(policy, batch, T)
+        with bf16_autocast(device, bf16):
+            old_logprobs, logits = per_token_logprobs(policy, batch, T)
+            ref_logprobs, _ = per_token_logprobs(ref, batch, T)
+            old_values = policy_values(value, batch)
+        old_values = old_values.float()
         entropy = masked_mean(token_entropy(logits, T), mask)
-        ref_logprobs, _ = per_token_logprobs(ref, batch, T)
-        old_values = policy_values(value, batch)
         has_eos = torch.tensor([len(c) > 0 and c[-1] == eos_id for c in completions])
         raw_score = score_fn(batch, completions).float()
         scores = raw_score - cfg.missing_eos_penalty * (~has_eos).float()
@@ -99,14 +107,17 @@ def ppo_iteration(
     for _ in range(cfg.ppo_epochs):
         for rows in torch.randperm(B).split(mb):
             sub = sub_batch(batch, rows)
-            logprobs, _ = per_token_logprobs(policy, sub, T)
+            with bf16_autocast(device, bf16):
+                logprobs, _ = per_token_logprobs(policy, sub, T)
+                values = policy_values(value, sub)
             pg_loss, pg_stats = ppo_policy_loss(logprobs, old_logprobs[rows], advantages[rows], mask[rows], cfg.clip_range)
-            values = policy_values(value, sub)
+            values = values.float()
             vf_loss, vf_stats = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], cfg.clip_range_value)
             loss = pg_loss + cfg.vf_coef * vf_loss
             parts = {"pg_loss": pg_loss.item(), "vf_loss": vf_loss.item(), **{k: float(v) for k, v in {**pg_stats, **vf_stats}.items()}}
             if ptx_fn is not None:  # PPO-ptx: + gamma_ptx * pretraining LM loss
-                lm = ptx_fn()
+                with bf16_autocast(device, bf16):
+                    lm = ptx_fn()
                 loss = loss + cfg.ptx_coef * lm
                 parts["ptx_loss"] = lm.item()
             update(loss)
@@ -163,7 +174,17 @@ def run_ppo(cfg: PPOConfig) -> Path:
         def step(step_index: int) -> dict[str, float]:
             batch_prompts = [prompts[i] for i in trainer.batch_indices(len(prompts), step_index)]
             metrics, completions = ppo_iteration(
-                policy, ref, value, batch_prompts, score_fn, cfg, trainer.update, kl_ctl, eos, ptx_fn if stream is not None else None
+                policy,
+                ref,
+                value,
+                batch_prompts,
+                score_fn,
+                cfg,
+                trainer.update,
+                kl_ctl,
+                eos,
+                ptx_fn=ptx_fn if stream is not None else None,
+                bf16=tc.bf16,
             )
             truth = labeler(decode_texts(tokenizer, batch_prompts, completions))
             metrics["reward"] = float(sum(truth) / len(truth))  # ground truth (VADER), for the log only

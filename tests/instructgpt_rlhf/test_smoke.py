@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -22,7 +23,9 @@ def target_rate(completions):
     return torch.tensor([sum(t == TARGET for t in c) / len(c) for c in completions])
 
 
-def test_ppo_raises_a_known_reward():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_ppo_raises_a_known_reward(bf16):
+    """Also under bf16 autocast (`train.bf16`), where the old, reference and updated log-probs all run in bf16."""
     torch.manual_seed(0)
     policy = tiny_llama(V, seed=0)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -50,13 +53,14 @@ def test_ppo_raises_a_known_reward():
     before = float(target_rate(sample_completions(policy, eval_prompts, cfg.sampling, EOS)).mean())
     history = []
     for _ in range(8):
-        metrics, _ = ppo_iteration(policy, ref, value, prompts, lambda b, c: target_rate(c), cfg, update, kl_ctl, EOS)
+        metrics, _ = ppo_iteration(policy, ref, value, prompts, lambda b, c: target_rate(c), cfg, update, kl_ctl, EOS, bf16=bf16)
         history.append(metrics)
     after = float(target_rate(sample_completions(policy, eval_prompts, cfg.sampling, EOS)).mean())
     assert before < 0.1
     assert after > before + 0.15, (before, after)  # measured: 0.03 -> 0.26
     for key in ("kl", "entropy", "clipfrac", "approx_kl", "value_error", "score"):
         assert all(torch.isfinite(torch.tensor(m[key])) for m in history)
+    assert history[0]["kl"] == 0  # the first rollout's policy is the reference, in the same precision
     assert history[-1]["kl"] > 0  # the policy moved away from the reference
 
 
