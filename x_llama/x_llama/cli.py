@@ -1,4 +1,4 @@
-"""`x-llama train | generate | evaluate | demo` (flags: --preset NAME --config FILE --section.field VALUE)."""
+"""`x-llama train | uptrain | generate | evaluate | demo` (flags: --preset NAME --config FILE --section.field VALUE)."""
 
 from axon_shared.cli import Command, build_cli
 
@@ -10,6 +10,11 @@ main = build_cli(
             "x_llama.config:TrainConfig",
             "pretrain Llama 2 on en-text (resumes from the latest checkpoint in --train.out_dir)",
             default_preset="cpu",
+        ),
+        "uptrain": Command(
+            "x_llama.gqa:uptrain",
+            "x_llama.config:UptrainConfig",
+            "GQA uptraining: convert a run to --n_kv_heads kv heads and pretrain on for --fraction of its steps",
         ),
         "generate": Command(
             "x_llama.generation:generate_command",

@@ -218,6 +218,36 @@ class TrainConfig(AxonConfig):
 
 
 @dataclass
+class UptrainConfig(AxonConfig):
+    """`x-llama uptrain`: GQA uptraining (Ainslie et al. 2023, section 2.1). The run `from_run` is converted to
+    `n_kv_heads` key/value heads (`method`: mean-pool each group's heads, keep the group's first head, or draw new
+    ones) and pretrained on for `fraction` of its steps (the paper's alpha) with the same data, batch and
+    precision; the result is an ordinary x-llama run in `out_dir`."""
+
+    from_run: str = "runs/x_llama/cpu_mha"
+    n_kv_heads: int = 2
+    method: str = "mean"
+    fraction: float = 0.05  # alpha: the share of the original pretraining steps
+    out_dir: str = "runs/x_llama/uptrain"
+    lr: float | None = None  # None = where the original schedule ended (lr * min_lr_ratio), held constant
+    warmup_steps: int = 10  # the converted model starts with a fresh optimizer
+    seed: int = 1  # data order (and the random heads of method=random); the original run's seed is 1234
+    eval_every: int | None = None  # None = 4 evaluations over the run
+    eval_batches: int | None = None  # None = the original run's
+
+    METHODS: ClassVar[tuple[str, ...]] = ("mean", "first", "random")
+
+    def validate(self) -> None:
+        require_positive(self, "n_kv_heads")
+        require(self.method in self.METHODS, self, "method", f"must be one of {list(self.METHODS)}")
+        require(0 < self.fraction <= 1, self, "fraction", "must be in (0, 1] (alpha = 0 is the converted model itself: `x-llama evaluate`)")
+        require(self.warmup_steps >= 0, self, "warmup_steps", "must be >= 0")
+        for name in ("lr", "eval_every", "eval_batches"):
+            if getattr(self, name) is not None:
+                require(getattr(self, name) > 0, self, name, "must be > 0 (or null for the default)")
+
+
+@dataclass
 class GenerateConfig(AxonConfig):
     """`x-llama generate`: sample from a run directory or checkpoint; the prompt from --prompt or stdin."""
 

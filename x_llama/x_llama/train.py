@@ -49,8 +49,10 @@ def evaluate_loss(model: Llama, stream: Tensor, batches: int, batch_size: int, s
     return total / batches
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Pretrain, resuming from the latest checkpoint in cfg.train.out_dir if there is one; return the run dir."""
+def train(cfg: TrainConfig, initial_state: dict[str, Tensor] | None = None) -> Path:
+    """Pretrain, resuming from the latest checkpoint in cfg.train.out_dir if there is one; return the run dir.
+    `initial_state`: weights to start from instead of the initialisation (GQA uptraining, x_llama.gqa); the run then
+    evaluates before its first step too. A checkpoint in out_dir takes precedence (resume)."""
     opt, seq_len = cfg.train, cfg.data.seq_len
     with Trainer(opt, cfg, name="x_llama") as trainer:
         out_dir, rank = trainer.out_dir, trainer.ctx.rank
@@ -59,6 +61,8 @@ def train(cfg: TrainConfig) -> Path:
             train_stream = token_stream(cfg.data, tokenizer, "train", out_dir)
             valid_stream = token_stream(cfg.data, tokenizer, "valid", out_dir)
         model = Llama(cfg.model)
+        if initial_state is not None:
+            model.load_state_dict(initial_state)
         model.activation_checkpointing = opt.activation_checkpointing
 
         def batch(step: int, micro: int) -> tuple[Tensor, Tensor]:
@@ -79,6 +83,7 @@ def train(cfg: TrainConfig) -> Path:
             loss=loss,
             batch=batch,
             evaluate=evaluate,
+            evaluate_first=initial_state is not None,
             schedule=CosineSchedule(opt.lr, opt.warmup_steps, opt.steps, opt.min_lr_ratio),
             count=lambda b: b[0].numel(),
             unit="tokens",
