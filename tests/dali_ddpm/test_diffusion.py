@@ -212,3 +212,169 @@ def test_discretized_decoder_sums_to_one():
     for mean, log_scale in [(0.0, math.log(0.01)), (0.3, math.log(0.2)), (-0.99, math.log(0.05))]:
         p = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, mean), torch.full_like(levels, log_scale)).exp()
         assert abs(p.sum().item() - 1) < 1e-4
+
+
+# ---- the variational bound, term by term, against torch.distributions and a brute-force sum over the 256 bins ----
+# The reference quantities below are rebuilt in float64 from the betas alone (Ho et al. 2020, eqs. 4, 6, 7), so a
+# mistake in the constants GaussianDiffusion precomputes cannot hide in both sides of a comparison.
+PAPER_BETAS = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)  # Ho et al., section 4
+SHORT_BETAS = torch.linspace(1e-3, 0.2, 20, dtype=torch.float64)  # T = 20: L_T and every KL term are far from 0
+SCHEDULES = {"paper": PAPER_BETAS, "short": SHORT_BETAS}
+LN2 = math.log(2.0)
+
+
+def _abar(betas):
+    """(abar_t, abar_{t-1}) for code index t = 0..T-1 (paper t = 1..T), abar_0 := 1 (eq. 4's notation)."""
+    abar = torch.cumprod(1.0 - betas, 0)
+    return abar, torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+
+
+def _col(values, t):
+    return values[t].view(-1, 1, 1, 1)
+
+
+def _posterior_mean(betas, x0, x_t, t):
+    """mu~_t(x_t, x0) (eq. 7)."""
+    abar, abar_prev = _abar(betas)
+    b, a, ab, abp = _col(betas, t), _col(1.0 - betas, t), _col(abar, t), _col(abar_prev, t)
+    return abp.sqrt() * b / (1 - ab) * x0 + a.sqrt() * (1 - abp) / (1 - ab) * x_t
+
+
+def _posterior_variance(betas):
+    """beta~_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t (eq. 7); 0 at the first step."""
+    abar, abar_prev = _abar(betas)
+    return (1 - abar_prev) / (1 - abar) * betas
+
+
+def _reverse_variance(betas, variance):
+    """sigma_t^2 of p(x_{t-1} | x_t) (section 3.2): beta_t ("fixedlarge") or beta~_t ("fixedsmall"). At t = 1 (the
+    decoder) both use beta~_2, as Ho et al.'s released code does (beta~_1 = 0; the README's "beta~_2 at t=1")."""
+    sigma2 = betas.clone() if variance == "fixedlarge" else _posterior_variance(betas)
+    sigma2[0] = _posterior_variance(betas)[1]
+    return sigma2
+
+
+def _levels(shape, generator):
+    """8-bit images scaled to [-1, 1], with both edge levels (-1 and 1, whose bins reach to -inf and +inf) present."""
+    x0 = torch.randint(0, 256, shape, generator=generator).double() / 127.5 - 1
+    x0[:, :, 0, 0], x0[:, :, 0, 1] = -1.0, 1.0
+    return x0
+
+
+def _decoder_nll_bits(x0, mean, std):
+    """-log p(x0 | x1) in bits per dim (eq. 13) by brute force: the probability of each of the 256 bins is the mass
+    N(mean, std^2) puts between the bin's edges (midpoints between levels; the outer edges are -inf and +inf),
+    integrated with torch.distributions.Normal.cdf; each pixel reads the bin of its own level."""
+    levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1
+    inf = torch.tensor([math.inf], dtype=torch.float64)
+    edges = torch.cat([-inf, (levels[:-1] + levels[1:]) / 2, inf])  # (257,)
+    cdf = torch.distributions.Normal(mean.unsqueeze(-1), std.unsqueeze(-1)).cdf(edges)  # (..., 257)
+    probs = cdf[..., 1:] - cdf[..., :-1]  # (..., 256)
+    assert_close(probs.sum(-1), torch.ones_like(mean), atol=1e-12, rtol=0)  # a distribution over the 256 levels
+    index = ((x0 + 1) * 127.5).round().long()
+    assert_close(levels[index], x0, atol=1e-6, rtol=0)  # float32 levels are within 3e-8 of the exact ones
+    true_bin = probs.gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    assert bool((true_bin > 1e-10).all())  # far from the 1e-12 floor of the code under test
+    return -true_bin.log().flatten(1).mean(1) / LN2
+
+
+@pytest.mark.parametrize("variance", ["fixedsmall", "fixedlarge"])
+@pytest.mark.parametrize("schedule", ["paper", "short"])
+def test_vlb_kl_terms_equal_torch_distributions(variance, schedule):
+    """L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) (eq. 5) for t > 1 (code index t >= 1), against torch.distributions.kl_divergence
+    of the two Gaussians built here: q = N(mu~_t(x_t, x0), beta~_t) (eqs. 6-7), p = N(mu~_t(x_t, x0_hat), sigma_t^2)
+    with x0_hat from the network's eps (eq. 4 solved for x0). Catches the KL's direction reversed and its mean term
+    scaled by the wrong variance (both only visible when sigma_t^2 != beta~_t: fixedlarge), a wrong sigma_t^2, and a
+    wrong mean on either side."""
+    betas = SCHEDULES[schedule]
+    T = betas.shape[0]
+    d = GaussianDiffusion(betas, variance=variance, prediction="eps")
+    t = torch.tensor([1, 2, 3, 5, T // 4, T // 2, T - 2, T - 1])
+    g = torch.Generator().manual_seed(0)
+    x0 = _levels((t.shape[0], 1, 4, 4), g)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    eps_hat = noise + 0.5 * torch.randn(x0.shape, generator=g, dtype=torch.float64)  # an imperfect network
+    abar, _ = _abar(betas)
+    x_t = _col(abar, t).sqrt() * x0 + (1 - _col(abar, t)).sqrt() * noise  # eq. 4
+    x0_hat = (x_t - (1 - _col(abar, t)).sqrt() * eps_hat) / _col(abar, t).sqrt()
+    q = torch.distributions.Normal(_posterior_mean(betas, x0, x_t, t), _col(_posterior_variance(betas), t).sqrt().expand_as(x0))
+    p = torch.distributions.Normal(_posterior_mean(betas, x0_hat, x_t, t), _col(_reverse_variance(betas, variance), t).sqrt().expand_as(x0))
+    expected = torch.distributions.kl_divergence(q, p).flatten(1).mean(1) / LN2
+    got = d.vlb_term_bpd(eps_hat, x0, x_t, t)
+    assert_close(got, expected, atol=1e-10, rtol=1e-8)
+    assert bool((expected > 1e-3).all())  # every term is far from 0: the comparison has something to compare
+
+
+@pytest.mark.parametrize("variance", ["fixedsmall", "fixedlarge"])
+@pytest.mark.parametrize("schedule", ["paper", "short"])
+def test_vlb_decoder_term_equals_brute_force_over_256_bins(variance, schedule):
+    """L_0 = -log p(x0 | x1), the discretised Gaussian decoder (eq. 13), against `_decoder_nll_bits`: the mass of
+    N(x0_hat, sigma_1^2) over each pixel's bin, x0_hat the network's denoised estimate. Catches the decoder's mean
+    set to x_1 instead of x0_hat, a wrong scale (10x too wide, or the variance used as the standard deviation),
+    the bins' width and the edge bins."""
+    betas = SCHEDULES[schedule]
+    d = GaussianDiffusion(betas, variance=variance, prediction="eps")
+    t = torch.zeros(6, dtype=torch.long)
+    g = torch.Generator().manual_seed(1)
+    x0 = _levels((6, 3, 4, 4), g)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    eps_hat = noise + 0.5 * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    abar = _abar(betas)[0][0]
+    x_1 = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+    x0_hat = (x_1 - (1 - abar).sqrt() * eps_hat) / abar.sqrt()
+    std = _reverse_variance(betas, variance)[0].sqrt()
+    expected = _decoder_nll_bits(x0, x0_hat, std.expand_as(x0))
+    got = d.vlb_term_bpd(eps_hat, x0, x_1, t)
+    assert_close(got, expected, atol=1e-9, rtol=1e-8)
+    # the mean matters: x_1 differs from x0_hat by about one decoder standard deviation
+    assert float((x_1 - x0_hat).abs().mean()) > 0.5 * float(std)
+
+
+@pytest.mark.parametrize("schedule", ["paper", "short"])
+def test_prior_term_equals_torch_distributions(schedule):
+    """L_T = KL(q(x_T | x0) || N(0, I)) with q(x_T | x0) = N(sqrt(abar_T) x0, 1 - abar_T) (eq. 4)."""
+    betas = SCHEDULES[schedule]
+    d = GaussianDiffusion(betas)
+    x0 = _levels((3, 1, 4, 4), torch.Generator().manual_seed(2))
+    abar_T = _abar(betas)[0][-1]
+    q = torch.distributions.Normal(abar_T.sqrt() * x0, (1 - abar_T).sqrt().expand_as(x0))
+    prior = torch.distributions.Normal(torch.zeros_like(x0), torch.ones_like(x0))
+    expected = torch.distributions.kl_divergence(q, prior).flatten(1).mean(1) / LN2
+    assert_close(d.prior_bpd(x0), expected, atol=1e-12, rtol=1e-8)
+
+
+@pytest.mark.parametrize("variance", ["fixedsmall", "fixedlarge"])
+def test_bits_per_dim_is_the_sum_of_the_independent_terms(variance):
+    """`bits_per_dim` (every term exact) in float32, the path the reported bits/dim take, against the float64 sum
+    L_T + sum_{t>1} L_{t-1} + L_0 built above. The 'network' predicts x0 as f(t), independent of x_t: then
+    mu~_t(x_t, x0) - mu~_t(x_t, f(t)) = coef1_t (x0 - f(t)) and the decoder's mean is f(0), so every term is free of
+    the noise draws and the comparison is exact. Catches a term left out, counted twice or read at the wrong t, and
+    every mutation the term-wise tests catch."""
+    betas = SHORT_BETAS
+    T = betas.shape[0]
+    d = GaussianDiffusion(betas, variance=variance, prediction="x0")
+    g = torch.Generator().manual_seed(3)
+    x0 = _levels((2, 1, 4, 4), g).float()
+    wobble = torch.randn(T, *x0.shape, generator=g) * 0.05
+    f = (x0 + wobble).clamp(-1, 1)  # (T, B, C, H, W): the 'network's' x0 prediction at each t
+    model = lambda x_t, t: f[t, torch.arange(x_t.shape[0])]
+    got = d.bits_per_dim(model, x0, generator=torch.Generator().manual_seed(0))
+
+    x0d, fd = x0.double(), f.double()
+    abar, abar_prev = _abar(betas)
+    sigma2 = _reverse_variance(betas, variance)
+    kl = torch.zeros(x0.shape[0], dtype=torch.float64)
+    for step in range(1, T):
+        coef1 = abar_prev[step].sqrt() * betas[step] / (1 - abar[step])
+        q = torch.distributions.Normal(coef1 * x0d, _posterior_variance(betas)[step].sqrt().expand_as(x0d))
+        p = torch.distributions.Normal(coef1 * fd[step], sigma2[step].sqrt().expand_as(x0d))
+        kl += torch.distributions.kl_divergence(q, p).flatten(1).mean(1) / LN2
+    decoder = _decoder_nll_bits(x0d, fd[0], sigma2[0].sqrt().expand_as(x0d))
+    q_T = torch.distributions.Normal(abar[-1].sqrt() * x0d, (1 - abar[-1]).sqrt().expand_as(x0d))
+    prior = torch.distributions.kl_divergence(q_T, torch.distributions.Normal(0.0, 1.0)).flatten(1).mean(1) / LN2
+    tol = dict(atol=1e-4, rtol=1e-4)  # float32 against float64
+    assert_close(got["kl"], kl, **tol)
+    assert_close(got["decoder"], decoder, **tol)
+    assert_close(got["prior"], prior, **tol)
+    assert_close(got["total"], prior + kl + decoder, **tol)
+    assert bool((kl > 1).all() and (decoder > 1).all() and (prior > 1e-3).all())
