@@ -1,6 +1,13 @@
-"""Parity with trl 1.16 on the same x_llama model and the same batch:
-our DPO loss (sigmoid, cDPO... via `dpo_loss` on our own left-padded batch layout) == DPOTrainer.compute_loss, and
-our reward-model loss == RewardTrainer.compute_loss (trl running on x_llama's Hugging Face wrappers)."""
+"""Parity with trl 1.16 on the same x_llama model and the same batch, trl running on x_llama's Hugging Face wrappers:
+
+- DPO: our `pair_logprobs` (on our own left-padded batch layout) + `dpo_loss` == DPOTrainer.compute_loss for
+  loss_type "sigmoid" (DPO eq. 7, label_smoothing 0) at beta 0.1 and 0.5, and "ipo" (Azar et al. eq. 17) at beta 0.3
+  with trl's per-token length normalisation of each log-ratio;
+- the reward model: `ScalarHeadModel.score` + `reward_model_loss` == RewardTrainer.compute_loss.
+
+Conservative DPO (`label_smoothing > 0`) is not compared with trl: trl 1.16's "sigmoid" loss ignores
+label_smoothing, and the trl losses that read it ("robust", "exo_pair", "aot") are other losses. test_losses.py
+checks cDPO against its formula by hand."""
 
 import copy
 import math
