@@ -146,11 +146,12 @@ def run_reward(cfg: RewardConfig) -> Path:
             unit="samples",
             plots={"loss.png": ("train/loss", "train/accuracy", "valid/accuracy")},
         )
-        # bias normalisation: SFT samples (the training completions) score 0 on average
+        # bias normalisation: SFT samples (the completions of the first 256 training records) score 0 on average; one
+        # mean over every score (a mean of chunk means would over-weight a short last chunk)
         with torch.no_grad():
             rm.eval()
-            means = [rm_scores(rm, train[i : i + 16]).mean() for i in range(0, min(len(train), 256), 16)]
-            shift = float(torch.stack(means).mean())
+            scores = torch.cat([rm_scores(rm, train[i : i + 16]).flatten() for i in range(0, min(len(train), 256), 16)])
+            shift = float(scores.mean())
             rm.head.bias -= shift
         metrics = {**metrics, "bias_shift": shift}
         if trainer.is_main:
