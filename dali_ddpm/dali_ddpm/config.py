@@ -16,6 +16,13 @@ from typing import ClassVar
 from axon_shared import AxonConfig, require, require_choice, require_positive
 from axon_shared import training as axon_training
 
+HYBRID_MISSING = (
+    "loss='hybrid': Nichol & Dhariwal's L_hybrid needs learned variances (and stops the mean's gradient in its L_vlb "
+    "term), which this package does not implement; loss='simple_vlb' is L_simple + vlb_weight * L_vlb with the fixed "
+    "variance, where L_vlb re-weights the same squared error (eq. 12)"
+)
+
+
 DATASETS = ("fashion-mnist", "mnist-5k", "digits")
 
 
@@ -65,7 +72,7 @@ class DiffusionConfig(AxonConfig):
     variance: str = "fixedlarge"  # sigma_t^2 = beta_t ("fixedlarge") or beta~_t ("fixedsmall")
     clip_denoised: bool = True  # clip the predicted x_0 to [-1, 1] while sampling
     prediction: str = "eps"  # the network predicts eps (the paper), x0, or v (Salimans & Ho 2022)
-    loss: str = "simple"  # "simple" (L_simple, eq. 14) or "hybrid" (L_simple + vlb_weight * L_vlb)
+    loss: str = "simple"  # "simple" (L_simple, eq. 14) or "simple_vlb" (L_simple + vlb_weight * L_vlb, fixed variances)
     vlb_weight: float = 0.001
 
     def validate(self) -> None:
@@ -73,7 +80,8 @@ class DiffusionConfig(AxonConfig):
         require_choice(self, "schedule", ("linear", "cosine"))
         require_choice(self, "variance", ("fixedlarge", "fixedsmall"))
         require_choice(self, "prediction", ("eps", "x0", "v"))
-        require_choice(self, "loss", ("simple", "hybrid"))
+        require(self.loss != "hybrid", self, "loss", HYBRID_MISSING)
+        require_choice(self, "loss", ("simple", "simple_vlb"))
         require(0.0 < self.beta_start < self.beta_end < 1.0, self, "beta_end", f"need 0 < beta_start={self.beta_start} < beta_end < 1")
         require(self.vlb_weight >= 0, self, "vlb_weight", "must be >= 0")
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from axon_shared import progress_bar
 
-from .config import DiffusionConfig
+from .config import HYBRID_MISSING, DiffusionConfig
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]  # (x_t (B, C, H, W), t (B,)) -> model output (B, C, H, W)
 
@@ -92,8 +92,10 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"variance must be 'fixedlarge' or 'fixedsmall', got {variance!r}")
         if prediction not in ("eps", "x0", "v"):
             raise ValueError(f"prediction must be 'eps', 'x0' or 'v', got {prediction!r}")
-        if loss not in ("simple", "hybrid"):
-            raise ValueError(f"loss must be 'simple' or 'hybrid', got {loss!r}")
+        if loss == "hybrid":
+            raise ValueError(HYBRID_MISSING)
+        if loss not in ("simple", "simple_vlb"):
+            raise ValueError(f"loss must be 'simple' or 'simple_vlb', got {loss!r}")
         self.variance, self.clip_denoised, self.prediction = variance, clip_denoised, prediction
         self.loss_type, self.vlb_weight = loss, vlb_weight
         self.num_timesteps = T = betas.shape[0]
@@ -338,8 +340,11 @@ class GaussianDiffusion(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Algorithm 1: t ~ U{1..T}, eps ~ N(0, I), L_simple = || eps - eps_theta(x_t, t) ||^2  (eq. 14).
 
-        loss="hybrid" adds vlb_weight * T * L_t (bits/dim), an unbiased one-sample estimate of
-        vlb_weight * L_vlb (Nichol & Dhariwal 2021, section 3.1). Returns (scalar loss, per-sample terms).
+        loss="simple_vlb" adds vlb_weight * T * L_t (bits/dim), an unbiased one-sample estimate of vlb_weight * L_vlb.
+        This is not Nichol & Dhariwal's L_hybrid (2021, section 3.1): with our fixed variances L_t only re-weights the
+        same squared error (eq. 12: w_t ||eps - eps_theta||^2 + a constant), and the mean gets the gradient of both
+        terms (L_hybrid learns the variances and stops the mean's gradient in L_vlb). Returns (scalar loss, per-sample
+        terms).
         """
         batch = x0.shape[0]
         t = torch.randint(0, self.num_timesteps, (batch,), device=x0.device) if t is None else t
@@ -349,7 +354,7 @@ class GaussianDiffusion(nn.Module):
         mse = _mean_flat((self.training_target(x0, noise, t) - output.float()) ** 2)
         terms = {"mse": mse.detach(), "t": t}
         loss = mse
-        if self.loss_type == "hybrid":
+        if self.loss_type == "simple_vlb":
             vlb = self.vlb_term_bpd(output.float(), x0, x_t, t)
             terms["vlb"] = vlb.detach()
             loss = loss + self.vlb_weight * self.num_timesteps * vlb

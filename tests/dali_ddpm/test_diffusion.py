@@ -378,3 +378,30 @@ def test_bits_per_dim_is_the_sum_of_the_independent_terms(variance):
     assert_close(got["prior"], prior, **tol)
     assert_close(got["total"], prior + kl + decoder, **tol)
     assert bool((kl > 1).all() and (decoder > 1).all() and (prior > 1e-3).all())
+
+
+@pytest.mark.parametrize("variance", ["fixedsmall", "fixedlarge"])
+def test_kl_term_is_eq12_weighted_squared_error_and_simple_vlb_adds_it(variance):
+    """Eq. 12: with a fixed variance sigma_t^2, L_{t-1} = beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)) ||eps - eps_theta||^2
+    + C_t (C_t: the variance mismatch, 0 for fixedsmall), per dimension here and in bits. Then loss="simple_vlb" is
+    mean(mse + vlb_weight * T * L_{t-1}) by that formula; "hybrid" (which needs learned variances) is refused."""
+    betas = beta_schedule("linear", 100, 1e-4, 0.2)
+    d = GaussianDiffusion(betas, variance=variance, prediction="eps", clip_denoised=False, loss="simple_vlb", vlb_weight=0.01)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 256, (4, 1, 6, 6), generator=g).float() / 127.5 - 1
+    noise, eps_theta = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    t = torch.tensor([1, 7, 50, 99])
+    x_t = d.q_sample(x0, t, noise)
+    abar, _ = _abar(betas)
+    sigma2 = _reverse_variance(betas, variance)[t]
+    weight = betas[t] ** 2 / (2 * sigma2 * (1 - betas[t]) * (1 - abar[t]))
+    beta_tilde = _posterior_variance(betas)[t]
+    constant = 0.5 * (torch.log(sigma2 / beta_tilde) + beta_tilde / sigma2 - 1)  # KL of two Gaussians with equal means
+    mse = ((noise - eps_theta) ** 2).double().mean(dim=(1, 2, 3))
+    expected_bits = (weight * mse + constant) / math.log(2)
+    assert_close(d.vlb_term_bpd(eps_theta, x0, x_t, t).double(), expected_bits, rtol=1e-4, atol=1e-6)
+
+    loss, _ = d.training_loss(lambda x, s: eps_theta, x0, t=t, noise=noise)
+    assert_close(loss.double(), (mse + 0.01 * 100 * expected_bits).mean(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="learned variances"):
+        GaussianDiffusion(betas, loss="hybrid")
