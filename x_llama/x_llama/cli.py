@@ -1,4 +1,4 @@
-"""`x-llama train | uptrain | generate | evaluate | demo` (flags: --preset NAME --config FILE --section.field VALUE)."""
+"""`x-llama train | uptrain | export | generate | evaluate | demo` (flags: --preset NAME --config FILE --section.field VALUE)."""
 
 from axon_shared.cli import Command, build_cli
 
@@ -15,6 +15,11 @@ main = build_cli(
             "x_llama.gqa:uptrain",
             "x_llama.config:UptrainConfig",
             "GQA uptraining: convert a run to --n_kv_heads kv heads and pretrain on for --fraction of its steps",
+        ),
+        "export": Command(
+            "x_llama.export:export_command",
+            "x_llama.config:ExportConfig",
+            "write a run as GGUF for llama.cpp (--dtype f32|f16|q8_0), a Hugging Face directory, or Meta's layout",
         ),
         "generate": Command(
             "x_llama.generation:generate_command",

@@ -248,6 +248,30 @@ class UptrainConfig(AxonConfig):
 
 
 @dataclass
+class ExportConfig(AxonConfig):
+    """`x-llama export`: a run (its latest checkpoint and tokenizer) as a llama.cpp GGUF file, a Hugging Face
+    directory (save_pretrained) or Meta's params.json + consolidated.00.pth (x_llama.export)."""
+
+    checkpoint: str = "runs/x_llama/cpu"
+    format: str = "gguf"
+    dtype: str = "f32"  # GGUF only: f32, f16 or q8_0
+    out: str = "runs/x_llama/cpu/model.gguf"
+
+    FORMATS: ClassVar[tuple[str, ...]] = ("gguf", "hf", "meta")
+    DTYPES: ClassVar[tuple[str, ...]] = ("f32", "f16", "q8_0")
+
+    def validate(self) -> None:
+        require(self.format in self.FORMATS, self, "format", f"must be one of {list(self.FORMATS)}")
+        require(self.dtype in self.DTYPES, self, "dtype", f"must be one of {list(self.DTYPES)}")
+        require(
+            self.format == "gguf" or self.dtype == "f32",
+            self,
+            "dtype",
+            "only GGUF is written in f16 or q8_0; hf and meta keep the checkpoint's float32",
+        )
+
+
+@dataclass
 class GenerateConfig(AxonConfig):
     """`x-llama generate`: sample from a run directory or checkpoint; the prompt from --prompt or stdin."""
 

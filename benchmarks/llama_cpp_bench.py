@@ -1,0 +1,93 @@
+"""x_llama against llama.cpp on the same trained model: `x-llama export --format gguf` in f32, f16 and q8_0, read by
+llama.cpp through llama-cpp-python, in one process, repetitions interleaved.
+
+Prints cached greedy decoding speed at batch 1 (ours in float32 eager, as `x-llama generate` runs, and llama.cpp in
+each type: tokens per second and llama.cpp / ours) and the validation perplexity of each export against ours on the
+same windows (what quantisation costs).
+
+    python benchmarks/llama_cpp_bench.py --run runs/x_llama/cpu     # ~3 minutes on 2 threads
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common import interleaved
+from x_llama.config import DataConfig
+from x_llama.data import batch_at, step_seed, token_stream
+from x_llama.export import export_gguf
+from x_llama.generation import generate
+from x_llama.train import load_pretrained
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default="runs/x_llama/cpu", help="a trained x-llama run directory")
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--windows", type=int, default=20, help="valid windows of seq_len tokens for perplexity")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import llama_cpp
+
+    from axon_shared.checkpoint import load_checkpoint, run_checkpoints
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer, config = load_pretrained(args.run)
+    run_dir, (path,) = run_checkpoints(args.run)
+    data = DataConfig.from_saved(load_checkpoint(path).config["data"])
+    prompt = tokenizer.encode("And the LORD said unto Moses,", bos=True)
+    new = min(args.new_tokens, config.max_seq_len - len(prompt))
+
+    stream = token_stream(data, tokenizer, "valid", run_dir)
+    windows = [batch_at(stream, 1, data.seq_len, step_seed(0, 0, i, 999)) for i in range(args.windows)]
+
+    def perplexity(logits_of) -> float:
+        losses = [float(F.cross_entropy(logits_of(inputs[0].tolist()).double(), targets[0])) for inputs, targets in windows]
+        return math.exp(sum(losses) / len(losses))
+
+    with torch.no_grad():
+        ours_ppl = perplexity(lambda ids: model(torch.tensor([ids]))[0])
+
+    def ours_decode():
+        with torch.inference_mode():
+            generate(model, [prompt], new, temperature=0.0)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dtype in ("f32", "f16", "q8_0"):
+            file = export_gguf(model, tokenizer, Path(tmp) / f"model-{dtype}.gguf", dtype)
+            llm = llama_cpp.Llama(str(file), n_ctx=config.max_seq_len, logits_all=True, verbose=False, n_threads=args.threads, seed=0)
+
+            def logits_of(ids, llm=llm):
+                llm.reset()
+                llm.eval(ids)
+                return torch.tensor(llm.scores[: len(ids)])
+
+            def cpp_decode(llm=llm):
+                for count, _ in enumerate(llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0), 1):
+                    if count == new:
+                        break
+
+            ppl = perplexity(logits_of)
+            ours_s, cpp_s = interleaved([ours_decode, cpp_decode], args.repeats)
+            rows.append((dtype, file.stat().st_size / 2**20, ppl, new / ours_s, new / cpp_s))
+            llm.close()
+
+    print(f"{args.run}: {model.num_parameters() / 1e6:.2f}M parameters, batch 1, {new} greedy tokens, {args.threads} threads")
+    print(f"ours (float32 eager): valid perplexity {ours_ppl:.3f} on {args.windows} windows of {data.seq_len} tokens")
+    print("| llama.cpp type | file MiB | valid ppl | ppl / ours | ours tok/s | llama.cpp tok/s | llama.cpp / ours |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for dtype, mib, ppl, ours_tps, cpp_tps in rows:
+        print(f"| {dtype} | {mib:.1f} | {ppl:.3f} | {ppl / ours_ppl:.4f} | {ours_tps:.0f} | {cpp_tps:.0f} | {cpp_tps / ours_tps:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
