@@ -27,6 +27,11 @@ main = build_cli(
             "stream a continuation of --prompt (or stdin) from a checkpoint",
         ),
         "evaluate": Command("x_llama.train:evaluate_command", "x_llama.config:EvaluateConfig", "perplexity of a checkpoint on en-text"),
+        "serve": Command(
+            "x_llama.serve:serve_command",
+            "x_llama.serve:ServeConfig",
+            "OpenAI-compatible HTTP API (/v1/completions, streaming, /input) with continuous batching",
+        ),
         "demo": Command(
             "x_llama.demo:run_demo", "x_llama.config:DemoConfig", "<= 4 minute pretraining run writing runs/demo/x_llama/REPORT.md"
         ),

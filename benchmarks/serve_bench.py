@@ -1,0 +1,118 @@
+"""`x-llama serve` under load: 1, 8 and 32 concurrent clients, each sending greedy /v1/completions requests one
+after another; requests/s, completion tokens/s, p50/p99 latency and errors per level.
+
+The server runs in this process (uvicorn in a thread, on a free 127.0.0.1 port) over --checkpoint, or --url points
+at one already running (then --api_key if it has one).
+
+    python benchmarks/serve_bench.py                                 # runs/x_llama/cpu, ~1 minute on 2 threads
+    python benchmarks/serve_bench.py --quick                         # smoke run
+    python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --clients 1 8 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+PROMPTS = (
+    "In the beginning",
+    "To be, or not to be",
+    "It is a truth universally acknowledged",
+    "And the LORD said",
+    "Call me",
+    "Once upon a time",
+)
+
+
+def start_server(checkpoint: str, max_batch: int) -> tuple[str, object]:
+    import uvicorn
+
+    from x_llama.serve import ServeConfig, create_app
+    from x_llama.train import load_pretrained
+
+    model, tokenizer, _ = load_pretrained(checkpoint)
+    app = create_app(model, tokenizer, Path(checkpoint).resolve().name, ServeConfig(checkpoint=checkpoint, max_batch=max_batch))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", server
+
+
+def run_level(url: str, headers: dict, clients: int, requests_per_client: int, max_tokens: int) -> dict:
+    latencies, tokens, errors = [], [], 0
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        nonlocal errors
+        with httpx.Client(base_url=url, headers=headers, timeout=300) as http:
+            for r in range(requests_per_client):
+                body = {"prompt": PROMPTS[(index + r) % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
+                start = time.perf_counter()
+                try:
+                    response = http.post("/v1/completions", json=body)
+                    ok = response.status_code == 200
+                    used = response.json()["usage"]["completion_tokens"] if ok else 0
+                except httpx.HTTPError:
+                    ok, used = False, 0
+                with lock:
+                    if ok:
+                        latencies.append(time.perf_counter() - start)
+                        tokens.append(used)
+                    else:
+                        errors += 1
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    wall = time.perf_counter() - start
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))] if latencies else float("nan")
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "requests_per_s": len(latencies) / wall,
+        "tokens_per_s": sum(tokens) / wall,
+        "p50_s": statistics.median(latencies) if latencies else float("nan"),
+        "p99_s": p99,
+        "errors": errors,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="runs/x_llama/cpu")
+    parser.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
+    parser.add_argument("--api_key", default=None)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=64, help="requests per level (split over its clients, at least 1 each)")
+    parser.add_argument("--max_tokens", type=int, default=32)
+    parser.add_argument("--max_batch", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="8 requests of 8 tokens per level")
+    args = parser.parse_args()
+    if args.quick:
+        args.requests, args.max_tokens = 8, 8
+    url, headers = args.url, {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if url is None:
+        url, _ = start_server(args.checkpoint, args.max_batch)
+    run_level(url, headers, 1, 1, 4)  # warm-up
+    print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} {'errors':>6}")
+    for clients in args.clients:
+        row = run_level(url, headers, clients, max(1, args.requests // clients), args.max_tokens)
+        print(
+            f"{row['clients']:>7} {row['requests']:>8} {row['requests_per_s']:>7.2f} {row['tokens_per_s']:>9.1f} "
+            f"{row['p50_s']:>7.3f} {row['p99_s']:>7.3f} {row['errors']:>6}"
+        )
+
+
+if __name__ == "__main__":
+    main()
