@@ -141,6 +141,46 @@ class SFTConfig(AxonConfig):
 
 
 @dataclass
+class LabelerConfig(AxonConfig):
+    """A simulated pool of labelers of unequal reliability (`labelers.py`; Yamagata et al. 2021). n = 1: the single
+    ground-truth labeller, exactly the behaviour without a pool. n > 1: each training prompt's pairs are voted on by
+    `per_prompt` of the n labelers, labeler k keeping the truth with probability c_k (honest: c_k ~ U[low, high];
+    a fraction `adversarial` of them: c_k = 1 - U[low, high]); the votes are aggregated by `aggregation`."""
+
+    n: int = 1
+    per_prompt: int = 3  # labelers per prompt (each votes on all its pairs); sparse, as in practice
+    reliability_low: float = 0.6
+    reliability_high: float = 0.95
+    adversarial: float = 0.0  # fraction of the n labelers who flip (reliability 1 - U[low, high])
+    aggregation: str = "weighted"  # majority | pool | weighted (EM reliabilities -> soft labels)
+    prior_alpha: float = 2.0  # Beta(alpha, beta) prior on each reliability in the EM's M-step (MAP)
+    prior_beta: float = 2.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        require(self.n >= 1, self, "n", "must be >= 1 (1 = the single ground-truth labeller)")
+        require(self.n > 1 or self.adversarial == 0, self, "adversarial", "needs a pool (n > 1); n = 1 is the single ground-truth labeller")
+        require(
+            0 <= self.adversarial < 0.5,
+            self,
+            "adversarial",
+            "must be in [0, 0.5): with half or more flipping, truth and its mirror are indistinguishable",
+        )
+        if self.n > 1:
+            require(1 <= self.per_prompt <= self.n, self, "per_prompt", f"must be in [1, n={self.n}]")
+        require(0.5 <= self.reliability_low <= 1, self, "reliability_low", "must be in [0.5, 1] (honest labelers; adversaries get 1 - c)")
+        require(
+            self.reliability_low <= self.reliability_high <= 1,
+            self,
+            "reliability_high",
+            f"must be in [reliability_low={self.reliability_low}, 1]",
+        )
+        require_choice(self, "aggregation", ["majority", "pool", "weighted"])
+        for name in ("prior_alpha", "prior_beta"):
+            require(getattr(self, name) >= 1, self, name, "must be >= 1 (the M-step is the Beta prior's MAP estimate)")
+
+
+@dataclass
 class RewardConfig(AxonConfig):
     """`reward`: sample K completions per prompt from the SFT policy, label them with VADER, train the RM."""
 
@@ -149,6 +189,8 @@ class RewardConfig(AxonConfig):
     num_valid_prompts: int = 256  # held-out prompts (valid split) for pair accuracy
     k: int = 6  # completions per prompt -> C(K,2) pairs (InstructGPT: K = 4..9); each completion is scored once
     bt_temperature: float = 0.0  # Bradley-Terry label noise; 0 = the higher ground-truth score always wins
+    samples_from: str | None = None  # an earlier reward run dir: reuse its sampled, truth-labelled completions (no sampling)
+    labelers: LabelerConfig = field(default_factory=LabelerConfig)  # n > 1: a simulated labeler pool relabels the train pairs
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: RewardTrain = field(default_factory=RewardTrain)
 
@@ -325,6 +367,7 @@ class PipelineConfig(AxonConfig):
     pretrained: str | None = None  # reuse an existing x_llama run dir instead of pretraining
     kl_coefs: tuple[float, ...] = (0.05, 0.2, 0.5)
     betas: tuple[float, ...] = (0.1, 0.5)
+    labelers: LabelerConfig = field(default_factory=LabelerConfig)  # passed to the reward stage (replaces reward.labelers)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)

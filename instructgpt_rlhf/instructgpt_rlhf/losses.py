@@ -7,6 +7,7 @@ Conventions: `logits[:, t]` predicts `labels[:, t]` (the caller shifts by one); 
 - `dpo_loss`             -log sigma(beta [(log pi_w - log ref_w) - (log pi_l - log ref_l)])   (DPO eq. 7),
                          the conservative (label-smoothed) variant, and IPO (Azar et al. 2023, eq. 17)
 - `reward_model_loss`    -E log sigma(r(x, y_w) - r(x, y_l))                       (InstructGPT eq. 1)
+- `soft_reward_model_loss` its soft-label form -E [q log sigma(r_1 - r_2) + (1-q) log sigma(r_2 - r_1)] (labeler pools)
 - `kl_shaped_rewards`    r_t = -kl_coef (log pi - log ref)_t  (+ RM score at the last token)   (InstructGPT eq. 2)
 - `gae`                  A_t = sum_l (gamma lam)^l delta_{t+l}                      (Schulman et al. 2016, eq. 16)
 - `ppo_policy_loss`      -E min(rho A, clip(rho, 1-eps, 1+eps) A)                   (PPO paper eq. 7)
@@ -123,6 +124,16 @@ def reward_model_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tens
     if margin is not None:
         delta = delta - margin
     return -F.logsigmoid(delta).mean()
+
+
+def soft_reward_model_loss(first_rewards: torch.Tensor, second_rewards: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry cross-entropy with soft labels q = P(first > second):
+    -mean [ q log sigma(r_1 - r_2) + (1 - q) log sigma(r_2 - r_1) ]. With q = 1 it is `reward_model_loss`; q is the
+    labeler pool's posterior (`labelers.em_posteriors`), so a pair the pool is unsure of pulls r_1 - r_2 towards
+    logit q instead of to infinity."""
+    delta = first_rewards.float() - second_rewards.float()
+    q = targets.to(delta.dtype)
+    return -(q * F.logsigmoid(delta) + (1 - q) * F.logsigmoid(-delta)).mean()
 
 
 def ranked_pairs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

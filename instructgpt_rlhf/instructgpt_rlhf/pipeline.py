@@ -55,7 +55,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     sft_dir = str(root / "sft")
     timed("sft", run_sft, cfg.sft.replace(pretrained=pretrained, train={"out_dir": sft_dir}))
     rm_dir = str(root / "reward")
-    timed("reward", run_reward, cfg.reward.replace(sft=sft_dir, train={"out_dir": rm_dir}))
+    timed("reward", run_reward, cfg.reward.replace(sft=sft_dir, labelers=cfg.labelers.to_dict(), train={"out_dir": rm_dir}))
     policies = []
     for kl in cfg.kl_coefs:
         d = str(root / f"ppo_kl{kl:g}")

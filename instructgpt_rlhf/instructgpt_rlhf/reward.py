@@ -5,6 +5,10 @@ VADER; every one of the C(K,2) pairs is labelled by the scores (optionally with 
 SFT model's backbone + a scalar head; all K completions of a prompt go through the network once and the loss
 averages -log sigma(r_w - r_l) over the prompt's pairs (InstructGPT eq. 1). Finally its bias is shifted so that SFT
 samples score 0 on average (InstructGPT: "normalized so that the labeler demonstrations achieve a mean score of 0").
+
+With a labeler pool (`labelers.n > 1`, `labelers.py`) the training pairs are relabelled by simulated labelers of
+unequal reliability and aggregated; with the "weighted" aggregation each pair carries a soft label q and the loss is
+`soft_reward_model_loss`. `samples_from` reuses an earlier run's samples, so label sources compare on the same data.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from axon_shared.training import Trainer, bf16_autocast
 from .config import RewardConfig, SamplingConfig
 from .data import collate, split_prompts
 from .labeler import VaderLabeler, bradley_terry_labels, pearson
-from .losses import reward_model_loss
+from .labelers import apply_pool
+from .losses import reward_model_loss, soft_reward_model_loss
 from .model import ScalarHeadModel, already_trained, last_index, load_policy, save_model, tokenizer_of
 from .rollout import decode_texts, sample_completions
 
@@ -47,6 +52,16 @@ def build_preferences(policy, tokenizer, prompts, k: int, sampling: SamplingConf
             pairs.append((a, b) if a_wins else (b, a))
         records.append({"prompt": list(prompt), "completions": completions[sl], "texts": texts[sl], "scores": s, "pairs": pairs})
     return records
+
+
+def reused_samples(path: Path, n: int) -> list[dict]:
+    """The first n records of an earlier run's preference file, with their ground-truth pairs (a pool's "truth_pairs"
+    if that run had one), so that several label sources can be compared on the very same completions."""
+    records = read_jsonl(path)
+    if len(records) < n:
+        raise ValueError(f"{path} holds {len(records)} prompts, fewer than the {n} asked for; lower num_prompts / num_valid_prompts")
+    keep = ("prompt", "completions", "texts", "scores")
+    return [{**{key: r[key] for key in keep}, "pairs": r.get("truth_pairs", r["pairs"])} for r in records[:n]]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -97,7 +112,7 @@ def run_reward(cfg: RewardConfig) -> Path:
     final = out_dir / "reward.safetensors"
     if already_trained(final, "reward"):
         return out_dir
-    with Trainer(tc, cfg, name="reward", frozen=("sft", "k")) as trainer:
+    with Trainer(tc, cfg, name="reward", frozen=("sft", "k", "labelers")) as trainer:
         policy = load_policy(cfg.sft).eval()
         tokenizer = tokenizer_of(cfg.sft)
         s = cfg.sampling
@@ -109,13 +124,21 @@ def run_reward(cfg: RewardConfig) -> Path:
         with trainer.main_first():  # rank 0 samples and labels the preferences; the others read its files
             for split, (path, n) in files.items():
                 if not path.exists():
-                    prompts = split_prompts(
-                        tokenizer, split, n, seed=tc.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens
-                    )
-                    with bf16_autocast(trainer.device, tc.bf16):
-                        records = build_preferences(policy, tokenizer, prompts, cfg.k, s, cfg.bt_temperature, tc.seed)
+                    if cfg.samples_from:  # the same samples and truth labels as an earlier run (relabelled below)
+                        records = reused_samples(Path(cfg.samples_from) / path.name, n)
+                    else:
+                        prompts = split_prompts(
+                            tokenizer, split, n, seed=tc.seed, min_tokens=s.min_prompt_tokens, max_tokens=s.max_prompt_tokens
+                        )
+                        with bf16_autocast(trainer.device, tc.bf16):
+                            records = build_preferences(policy, tokenizer, prompts, cfg.k, s, cfg.bt_temperature, tc.seed)
+                    if split == "train" and cfg.labelers.n > 1:  # the pool relabels the training pairs; valid keeps the truth
+                        records, summary = apply_pool(records, cfg.labelers)
+                        (out_dir / "labelers.json").write_text(json.dumps(summary, indent=2))
                     write_jsonl(path, records)
-                    print(f"reward: sampled and labelled {len(records)} x {cfg.k} completions -> {path}")
+                    print(
+                        f"reward: {'relabelled' if cfg.samples_from else 'sampled and labelled'} {len(records)} x {len(records[0]['completions'])} completions -> {path}"
+                    )
                 data[split] = read_jsonl(path)
         train = [r for r in data["train"] if r["pairs"]]
         valid = data["valid"]
@@ -132,6 +155,9 @@ def run_reward(cfg: RewardConfig) -> Path:
             win = torch.tensor([w for r in chunk for w, _ in r["pairs"]])
             lose = torch.tensor([lo for r in chunk for _, lo in r["pairs"]])
             chosen, rejected = scores[rows, win], scores[rows, lose]
+            if "targets" in chunk[0]:  # a labeler pool's soft labels (aggregation "weighted")
+                targets = torch.tensor([q for r in chunk for q in r["targets"]])
+                return soft_reward_model_loss(chosen, rejected, targets), {"accuracy": float((chosen > rejected).float().mean())}
             return reward_model_loss(chosen, rejected), {
                 "accuracy": float((chosen > rejected).float().mean())
             }  # mean over the C(K,2) pairs
