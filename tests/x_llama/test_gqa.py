@@ -19,6 +19,7 @@ from x_llama.hf import from_hf, to_hf
 from x_llama.train import load_pretrained
 
 from .conftest import tiny_train_args
+from .test_hf_parity import random_hf_llama
 
 
 def mha_model(n_heads: int = 8, seed: int = 0) -> Llama:
@@ -83,18 +84,8 @@ def test_conversion_matches_mean_pooling_done_in_transformers_layout(n_kv_heads)
     """Mean-pool an HF LlamaForCausalLM's k_proj / v_proj by hand (HF's rotate-half row order, HF's repeat_kv
     grouping), load it in transformers as a GQA model, and compare with our conversion of the same weights; then our
     converted model goes back to transformers with to_hf and gives the same logits."""
-    torch.manual_seed(0)
-    hf_config = transformers.LlamaConfig(
-        vocab_size=101,
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=32,
-        attn_implementation="eager",
-    )
-    hf_mha = transformers.LlamaForCausalLM(hf_config).eval()
+    hf_mha = random_hf_llama(8)  # 8 heads of 8 dims, randomised norm gains
+    hf_config = hf_mha.config
     hf_state = hf_mha.state_dict()
     group, d = 8 // n_kv_heads, 64 // 8
     for name in list(hf_state):
