@@ -1,4 +1,4 @@
-"""`x-llama train | uptrain | export | generate | evaluate | demo` (flags: --preset NAME --config FILE --section.field VALUE)."""
+"""`x-llama train | uptrain | ablate | export | generate | evaluate | demo` (flags: --preset NAME --config FILE --section.field VALUE)."""
 
 from axon_shared.cli import Command, build_cli
 
@@ -15,6 +15,11 @@ main = build_cli(
             "x_llama.gqa:uptrain",
             "x_llama.config:UptrainConfig",
             "GQA uptraining: convert a run to --n_kv_heads kv heads and pretrain on for --fraction of its steps",
+        ),
+        "ablate": Command(
+            "x_llama.ablate:ablate",
+            "x_llama.config:AblateConfig",
+            "the architecture lab: train --variants on one budget and data order, --seeds times; table and plot",
         ),
         "export": Command(
             "x_llama.export:export_command",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from axon_shared import training as axon_training
-from axon_shared.config import AxonConfig, require, require_positive
+from axon_shared.config import AxonConfig, ConfigError, require, require_choice, require_positive
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -26,9 +26,93 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+# ---- the architecture lab's options (x_llama.variants; README "The architecture lab") --------------------------------
+POSITIONS = ("rope", "alibi", "nope")
+ATTENTIONS = ("softmax", "differential")
+FFNS = ("swiglu", "moe", "peer")
+ROUTERS = ("none", "mod")
+RESIDUALS = ("standard", "hyper")
+
+
+@dataclass
+class DifferentialConfig(AxonConfig):
+    """Differential attention (Ye et al. 2024): lambda = exp(lq1 . lk1) - exp(lq2 . lk2) + lambda_init."""
+
+    lambda_init: float | None = None  # None = the paper's depth schedule 0.8 - 0.6 exp(-0.3 (l - 1)), l = 1..L
+    lambda_std: float = 0.1  # the lambda vectors are initialised N(0, lambda_std^2)
+
+    def validate(self) -> None:
+        require(self.lambda_std >= 0, self, "lambda_std", "must be >= 0")
+
+
+@dataclass
+class MoEConfig(AxonConfig):
+    """Sparse mixture of SwiGLU experts (Shazeer et al. 2017; Switch, Fedus et al. 2021; Mixtral), dropless top-k."""
+
+    n_experts: int = 8
+    top_k: int = 2
+    hidden_dim: int | None = None  # each expert's SwiGLU hidden size; None = the dense FFN's (Mixtral)
+    aux_loss_weight: float = 0.01  # load balancing, Switch eq. 4 (alpha)
+    z_loss_weight: float = 0.001  # router z-loss, ST-MoE eq. 5
+
+    def validate(self) -> None:
+        require_positive(self, "n_experts", "top_k")
+        require(self.top_k <= self.n_experts, self, "top_k", f"must be <= n_experts={self.n_experts}")
+        if self.hidden_dim is not None:
+            require(self.hidden_dim > 0, self, "hidden_dim", "must be > 0 (or null for the dense FFN's size)")
+        require(self.aux_loss_weight >= 0 and self.z_loss_weight >= 0, self, "aux_loss_weight", "loss weights must be >= 0")
+
+
+@dataclass
+class PEERConfig(AxonConfig):
+    """Parameter-efficient expert retrieval (He 2024): product keys over n_experts singleton experts."""
+
+    n_experts: int = 1024  # N = n^2 (product keys: two sub-key sets of size sqrt(N))
+    heads: int = 4  # retrieval heads, each with its own query network
+    top_k: int = 16  # experts per head
+    key_dim: int | None = None  # query/key size; None = dim // 2
+    query_batchnorm: bool = True  # the paper's BatchNorm on the query
+
+    def validate(self) -> None:
+        require_positive(self, "n_experts", "heads", "top_k")
+        root = round(self.n_experts**0.5)
+        require(root * root == self.n_experts, self, "n_experts", "must be a perfect square (product keys split it as n x n)")
+        require(self.top_k <= root, self, "top_k", f"must be <= sqrt(n_experts)={root} (top-k of each sub-key set)")
+        if self.key_dim is not None:
+            require(self.key_dim > 0 and self.key_dim % 2 == 0, self, "key_dim", "must be a positive even number (or null)")
+
+
+@dataclass
+class MoDConfig(AxonConfig):
+    """Mixture-of-Depths (Raposo et al. 2024): each routed block processes the top capacity * T tokens."""
+
+    capacity: float = 0.125  # the paper's 12.5%
+    every: int = 2  # route every `every`-th block (blocks 1, 3, 5, ... for 2, as in the paper); the others stay dense
+    sampling: str = "predictor"  # causal routing at inference: "predictor" (auxiliary MLP) or "loss" (auxiliary BCE loss)
+    aux_loss_weight: float = 0.01  # weight of the auxiliary BCE (router logits or predictor) against top-k membership
+
+    def validate(self) -> None:
+        require(0 < self.capacity <= 1, self, "capacity", "must be in (0, 1]")
+        require_positive(self, "every")
+        require_choice(self, "sampling", ("predictor", "loss"))
+        require(self.aux_loss_weight >= 0, self, "aux_loss_weight", "must be >= 0")
+
+
+@dataclass
+class HyperConfig(AxonConfig):
+    """Hyper-connections (Zhu et al. 2024): n residual streams mixed by learnable (static or dynamic) weights."""
+
+    rate: int = 4  # expansion rate n
+    dynamic: bool = True  # DHC (input-dependent weights) or SHC (static only)
+
+    def validate(self) -> None:
+        require_positive(self, "rate")
+
+
 @dataclass
 class LlamaConfig(AxonConfig):
-    """Llama 2 architecture hyperparameters (names follow Meta's `ModelArgs`)."""
+    """Llama 2 architecture hyperparameters (names follow Meta's `ModelArgs`), plus the architecture lab's options
+    (x_llama.variants); the defaults are Llama 2 exactly."""
 
     vocab_size: int = 32000
     dim: int = 4096
@@ -41,6 +125,17 @@ class LlamaConfig(AxonConfig):
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
     init_std: float = 0.02  # not in the paper (Meta did not publish its init); see README "Deviations"
+    # the architecture lab (x_llama.variants): defaults = Llama 2
+    position: str = "rope"  # rope | alibi | nope
+    attention: str = "softmax"  # softmax | differential
+    ffn: str = "swiglu"  # swiglu | moe | peer
+    router: str = "none"  # none | mod
+    residual: str = "standard"  # standard | hyper
+    differential: DifferentialConfig = field(default_factory=DifferentialConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    peer: PEERConfig = field(default_factory=PEERConfig)
+    mod: MoDConfig = field(default_factory=MoDConfig)
+    hyper: HyperConfig = field(default_factory=HyperConfig)
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
         # Touvron et al. 2023, table 1 + the released params.json files.
@@ -80,6 +175,40 @@ class LlamaConfig(AxonConfig):
             )
         if self.ffn_dim_multiplier is not None:
             require(self.ffn_dim_multiplier > 0, self, "ffn_dim_multiplier", "must be > 0 (or null)")
+        require_choice(self, "position", POSITIONS)
+        require_choice(self, "attention", ATTENTIONS)
+        require_choice(self, "ffn", FFNS)
+        require_choice(self, "router", ROUTERS)
+        require_choice(self, "residual", RESIDUALS)
+        if self.attention == "differential":
+            require(
+                self.n_heads % 2 == 0 and self.kv_heads % 2 == 0,
+                self,
+                "attention",
+                f"differential attention pairs heads: n_heads={self.n_heads} and n_kv_heads={self.kv_heads} must be even",
+            )
+
+    @property
+    def is_llama2(self) -> bool:
+        """True for the plain Llama 2 architecture (what HF, GGUF and Meta export and the parity tests cover)."""
+        return (self.position, self.attention, self.ffn, self.router, self.residual) == ("rope", "softmax", "swiglu", "none", "standard")
+
+    def require_llama2(self, what: str) -> None:
+        """Refuse a format or runtime that only knows Llama 2 (HF LlamaForCausalLM, Meta's layout, GGUF) for a variant."""
+        if not self.is_llama2:
+            raise ConfigError(
+                f"{what} holds the plain Llama 2 architecture only; this model is {self.variant_summary()!r} "
+                "(LlamaConfig.position/attention/ffn/router/residual). Run it with x-llama generate/evaluate/serve instead"
+            )
+
+    def variant_summary(self) -> str:
+        """'alibi+differential+moe' style name of the non-default options ('llama2' when there are none)."""
+        chosen = [
+            value
+            for value, default in zip((self.position, self.attention, self.ffn, self.router, self.residual), ("rope", "softmax", "swiglu", "none", "standard"))
+            if value != default
+        ]
+        return "+".join(chosen) or "llama2"
 
     @property
     def kv_heads(self) -> int:
@@ -94,7 +223,10 @@ class LlamaConfig(AxonConfig):
         return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
     def num_parameters(self) -> int:
-        """Closed-form parameter count (README, "Parameter count"): 2Vd + L(2d^2 + 2d*Hkv*dh + 3d*h + 2d) + d."""
+        """Closed-form parameter count (README, "Parameter count"): 2Vd + L(2d^2 + 2d*Hkv*dh + 3d*h + 2d) + d.
+        Llama 2 only: a variant's count is `Llama(config).num_parameters()` (build it on the meta device)."""
+        if not self.is_llama2:
+            raise ValueError(f"the closed-form count covers Llama 2 only, not {self.variant_summary()}; count Llama(config) on the meta device")
         d, h, kv = self.dim, self.hidden_dim, self.kv_heads * self.head_dim
         per_layer = 2 * d * d + 2 * d * kv + 3 * d * h + 2 * d
         return 2 * self.vocab_size * d + self.n_layers * per_layer + d
@@ -245,6 +377,34 @@ class UptrainConfig(AxonConfig):
         for name in ("lr", "eval_every", "eval_batches"):
             if getattr(self, name) is not None:
                 require(getattr(self, name) > 0, self, name, "must be > 0 (or null for the default)")
+
+
+@dataclass
+class AblateConfig(AxonConfig):
+    """`x-llama ablate`: train every named variant on the same budget and data order, --seeds times, and tabulate
+    (x_llama.ablate; README "The architecture lab: ablation")."""
+
+    variants: str = "baseline,alibi,nope,diff,moe,mod,peer,hyper,praxis"  # names of x_llama.ablate.VARIANTS
+    base: str = "cpu"  # the TrainConfig preset every variant starts from (its size, data, optimiser)
+    minutes: float = 8.0  # the token budget: what the baseline trains in this many minutes (when steps is null)
+    steps: int | None = None  # the token budget in steps (overrides minutes)
+    seeds: int = 2
+    bf16: bool = True
+    compile: bool = False  # one precision/compile mode for every variant; not every variant compiles to one graph
+    eval_windows: int = 40  # valid windows at the training context (half as many at 2x, a quarter at 4x)
+    out_dir: str = "runs/x_llama/ablate"
+
+    def validate(self) -> None:
+        from .ablate import VARIANTS
+
+        names = [name.strip() for name in self.variants.split(",") if name.strip()]
+        require(bool(names), self, "variants", f"name at least one of {list(VARIANTS)}")
+        unknown = [name for name in names if name not in VARIANTS]
+        require(not unknown, self, "variants", f"unknown {unknown}; choose from {list(VARIANTS)}")
+        require(self.base in TrainConfig.PRESETS, self, "base", f"must be one of {sorted(TrainConfig.PRESETS)}")
+        require_positive(self, "minutes", "seeds", "eval_windows")
+        if self.steps is not None:
+            require(self.steps > 0, self, "steps", "must be > 0 (or null to use minutes)")
 
 
 @dataclass

@@ -8,6 +8,8 @@ uninterrupted run would, with no data-loader state to checkpoint.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,3 +108,23 @@ def batch_at(stream: Tensor, batch_size: int, seq_len: int, seed: int) -> tuple[
 def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
     """A distinct, reproducible seed for every (rank, step, micro-step)."""
     return int(np.random.SeedSequence([seed, rank, step, micro]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def share_token_caches(run_dir: Path, out_dir: Path, tokenizer: str) -> None:
+    """Copy the tokenizer next to the new run and hard-link the original run's token caches into it when they were
+    made with the same tokenizer file (token_stream checks the stamp again, and re-encodes if it differs)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / "tokenizer.model").exists():
+        shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
+    for split in ("train", "valid", "test"):
+        stamp, cache = run_dir / f"tokens_{split}.json", run_dir / f"tokens_{split}.npy"
+        if not (stamp.is_file() and cache.is_file()) or (out_dir / cache.name).exists():
+            continue
+        if Path(json.loads(stamp.read_text()).get("tokenizer", "")).resolve() != Path(tokenizer).resolve():
+            continue
+        stamped = json.loads(stamp.read_text()) | {"tokenizer": tokenizer}
+        try:
+            os.link(cache, out_dir / cache.name)
+        except OSError:
+            shutil.copyfile(cache, out_dir / cache.name)
+        (out_dir / stamp.name).write_text(json.dumps(stamped))

@@ -89,6 +89,7 @@ def export_gguf(model: Llama, tokenizer: Tokenizer, path: str | Path, dtype: str
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"GGUF dtype {dtype!r}: must be one of {list(GGUF_DTYPES)}")
     config = model.config
+    config.require_llama2("llama.cpp's GGUF llama architecture")
     if tokenizer.vocab_size != config.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} pieces but the model's vocab_size is {config.vocab_size}")
     if dtype == "q8_0" and config.dim % 32:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ from axon_shared.checkpoint import load_checkpoint, run_checkpoints
 from axon_shared.config import ConfigError
 
 from .config import LlamaConfig, TrainConfig, UptrainConfig
+from .data import share_token_caches
 from .model import Llama
 
 
@@ -121,26 +120,6 @@ def uptrain(cfg: UptrainConfig) -> Path:
     model, _, _ = load_pretrained(path)
     converted = convert_kv_heads(model, cfg.n_kv_heads, cfg.method, seed=cfg.seed)
     out_dir = Path(cfg.out_dir)
-    _share_token_caches(Path(path).parent.parent, out_dir, train_cfg.data.tokenizer)
+    share_token_caches(Path(path).parent.parent, out_dir, train_cfg.data.tokenizer)
     (out_dir / "uptrain.json").write_text(json.dumps({"from": str(path), **cfg.to_dict()}, indent=2, sort_keys=True) + "\n")
     return train(train_cfg, initial_state=converted.state_dict())
-
-
-def _share_token_caches(run_dir: Path, out_dir: Path, tokenizer: str) -> None:
-    """Copy the tokenizer next to the new run and hard-link the original run's token caches into it when they were
-    made with the same tokenizer file (token_stream checks the stamp again, and re-encodes if it differs)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not (out_dir / "tokenizer.model").exists():
-        shutil.copyfile(tokenizer, out_dir / "tokenizer.model")
-    for split in ("train", "valid", "test"):
-        stamp, cache = run_dir / f"tokens_{split}.json", run_dir / f"tokens_{split}.npy"
-        if not (stamp.is_file() and cache.is_file()) or (out_dir / cache.name).exists():
-            continue
-        if Path(json.loads(stamp.read_text()).get("tokenizer", "")).resolve() != Path(tokenizer).resolve():
-            continue
-        stamped = json.loads(stamp.read_text()) | {"tokenizer": tokenizer}
-        try:
-            os.link(cache, out_dir / cache.name)
-        except OSError:
-            shutil.copyfile(cache, out_dir / cache.name)
-        (out_dir / stamp.name).write_text(json.dumps(stamped))

@@ -72,6 +72,7 @@ def config_from_hf(hf_config: HFLlamaConfig) -> LlamaConfig:
 
 
 def config_to_hf(config: LlamaConfig, **kwargs: Any) -> HFLlamaConfig:
+    config.require_llama2("transformers' LlamaForCausalLM")
     return HFLlamaConfig(
         vocab_size=config.vocab_size,
         hidden_size=config.dim,
@@ -222,6 +223,7 @@ def load_meta_checkpoint(directory: str | Path, max_seq_len: int = 4096, dtype: 
 
 def save_meta_checkpoint(model: Llama, directory: str | Path) -> Path:
     """Write params.json + consolidated.00.pth in Meta's format (a single shard)."""
+    model.config.require_llama2("Meta's checkpoint format")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     c = model.config

@@ -12,6 +12,7 @@ the RoPE layout is Meta's interleaved one, so a Meta checkpoint loads without co
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,7 @@ class KVCache:
         self.key_mask = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = 0
+        self.extra: dict[str, Tensor] = {}  # per-layer state of architecture variants (Mixture-of-Depths' key masks)
         self.has_padding = False
         self.shared_positions = True  # every row's next position == length (no padding, no explicit positions)
 
@@ -96,6 +98,17 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+@dataclass
+class AttentionInputs:
+    """What every layer's attention reads, computed once per forward by `Llama.hidden_states`."""
+
+    cos: Tensor | None  # RoPE tables, (T, d_head) shared by the rows or (B, 1, T, d_head); None without RoPE
+    sin: Tensor | None
+    mask: Tensor | None  # bool, broadcastable to (B, H, T, S), True = may attend (padding); None = no padding
+    is_causal: bool  # add causal order (query i sits at slot S - T + i)
+    bias: Tensor | None = None  # float score bias broadcastable to (B, H, T, S) (ALiBi), or None
+
+
 class Attention(nn.Module):
     """Multi-head attention with n_kv_heads key/value heads (GQA, Ainslie et al. 2023) and RoPE on q and k."""
 
@@ -109,31 +122,86 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=False)
         self.wo.is_residual_projection = True  # initialised with a smaller std (Llama.reset_parameters)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None) -> Tensor:
         q = rearrange(self.wq(x), "b t (h d) -> b h t d", h=self.n_heads)  # (B, H, T, d)
         k = rearrange(self.wk(x), "b t (h d) -> b h t d", h=self.n_kv_heads)  # (B, H_kv, T, d)
         v = rearrange(self.wv(x), "b t (h d) -> b h t d", h=self.n_kv_heads)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if inputs.cos is not None:
+            q, k = apply_rotary(q, inputs.cos, inputs.sin), apply_rotary(k, inputs.cos, inputs.sin)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)  # (B, H_kv, S, d), S = cached + T
-        out = attention(q, k, v, mask, is_causal=is_causal)  # softmax(q k^T / sqrt(d)) v, grouped kv heads
+        # softmax(q k^T / sqrt(d) + bias) v, grouped kv heads
+        out = attention(q, k, v, inputs.mask, is_causal=inputs.is_causal, bias=inputs.bias)
         return self.wo(rearrange(out, "b h t d -> b t (h d)"))
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + Attn(RMSNorm(x)), then h + SwiGLU(RMSNorm(h))."""
+    """Pre-norm residual block: x + Attn(RMSNorm(x)), then h + SwiGLU(RMSNorm(h)).
+
+    The architecture lab (x_llama.variants) swaps the pieces a config names: the attention (`attention:
+    differential`), the feed-forward (`ffn: moe | peer`) and the two residual connections (`residual: hyper`, where
+    x is (B, T, n, dim): n streams). The default config builds exactly Llama 2's block."""
 
     def __init__(self, config: LlamaConfig, layer_index: int):
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = Attention(config, layer_index)
+        self.attention = make_attention(config, layer_index)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.feed_forward = SwiGLU(config.dim, config.hidden_dim)
-        self.feed_forward.w2.is_residual_projection = True
+        self.feed_forward = make_feed_forward(config, layer_index)
+        self.hyper_connections = make_hyper_connections(config, layer_index)  # None for the standard residual
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, is_causal: bool, cache: KVCache | None) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, is_causal, cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x: Tensor, inputs: AttentionInputs, cache: KVCache | None) -> Tensor:
+        def attend(n: Tensor) -> Tensor:
+            return self.attention(self.attention_norm(n), inputs, cache)
+
+        def feed_forward(n: Tensor) -> Tensor:
+            return self.feed_forward(self.ffn_norm(n))
+
+        if self.hyper_connections is not None:  # x: (B, T, n, dim) residual streams
+            return self.hyper_connections[1](self.hyper_connections[0](x, attend), feed_forward)
+        h = x + attend(x)
+        return h + feed_forward(h)
+
+
+# ---- the architecture lab's factories (x_llama.variants; the modules are imported only when a config names them) --
+def make_attention(config: LlamaConfig, layer_index: int) -> nn.Module:
+    if config.attention == "differential":
+        from .variants.differential_attention import DifferentialAttention
+
+        return DifferentialAttention(config, layer_index)
+    return Attention(config, layer_index)
+
+
+def make_feed_forward(config: LlamaConfig, layer_index: int) -> nn.Module:
+    if config.ffn == "moe":
+        from .variants.mixture_of_experts import MoEFeedForward
+
+        return MoEFeedForward(config, layer_index)
+    if config.ffn == "peer":
+        from .variants.peer import PEERFeedForward
+
+        return PEERFeedForward(config, layer_index)
+    feed_forward = SwiGLU(config.dim, config.hidden_dim)
+    feed_forward.w2.is_residual_projection = True
+    return feed_forward
+
+
+def make_hyper_connections(config: LlamaConfig, layer_index: int) -> nn.ModuleList | None:
+    if config.residual != "hyper":
+        return None
+    from .variants.hyper_connections import HyperConnection
+
+    return nn.ModuleList(HyperConnection(config, layer_index, sublayer) for sublayer in (0, 1))
+
+
+def make_layer(config: LlamaConfig, layer_index: int) -> nn.Module:
+    """A Block, wrapped in a Mixture-of-Depths router for the routed layers (every `mod.every`-th: 1, 3, 5, ...)."""
+    block = Block(config, layer_index)
+    if config.router == "mod" and layer_index % config.mod.every == config.mod.every - 1:
+        from .variants.mixture_of_depths import MoDBlock
+
+        return MoDBlock(block, config, layer_index)
+    return block
 
 
 class Llama(nn.Module):
@@ -143,7 +211,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(make_layer(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)  # untied from tok_embeddings
         self.activation_checkpointing = False
@@ -155,7 +223,8 @@ class Llama(nn.Module):
     # ---- construction -----------------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """N(0, init_std) weights; residual-output projections (wo, w2) scaled by 1/sqrt(2 n_layers) (GPT-2's
-        rule; Llama 2 does not publish its initialisation); RMSNorm gains 1."""
+        rule; Llama 2 does not publish its initialisation); RMSNorm gains 1. Then every other module with a
+        `reset_parameters` (the variants' lambdas, stream weights, expert tables, BatchNorm) initialises itself."""
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for module in self.modules():
@@ -165,6 +234,9 @@ class Llama(nn.Module):
                 nn.init.normal_(module.weight, 0.0, std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+        for module in self.modules():
+            if module is not self and not isinstance(module, nn.Linear | nn.Embedding) and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
 
     def rope_tables(self, device=None) -> tuple[Tensor, Tensor]:
         """cos, sin of m * theta_i for every position m < max_seq_len, laid out for `apply_rotary`:
@@ -173,6 +245,29 @@ class Llama(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def active_parameters(self) -> int:
+        """Parameters one token uses: all of them, except in sparse feed-forwards (MoE, PEER), which count the
+        experts a token is routed to (their `active_parameters`)."""
+        total = self.num_parameters()
+        for module in self.modules():
+            if module is not self and hasattr(module, "active_parameters"):
+                total += module.active_parameters() - sum(p.numel() for p in module.parameters())
+        return total
+
+    def auxiliary_loss(self) -> Tensor | None:
+        """The sum of the variants' weighted auxiliary losses of the last forward (MoE load balancing and z-loss,
+        Mixture-of-Depths' router BCE), or None when the model has none (Llama 2) or is in eval mode."""
+        losses = [m.aux_loss for m in self.modules() if getattr(m, "aux_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def auxiliary_metrics(self) -> dict[str, float]:
+        """The variants' diagnostics of the last forward (mean over layers), e.g. MoE load, MoD predictor accuracy."""
+        values: dict[str, list[float]] = {}
+        for module in self.modules():
+            for key, value in (getattr(module, "aux_metrics", None) or {}).items():
+                values.setdefault(key, []).append(float(value))
+        return {key: sum(v) / len(v) for key, v in values.items()}
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         weight = self.tok_embeddings.weight
@@ -208,7 +303,9 @@ class Llama(nn.Module):
             cache.shared_positions = False
         positions = self._positions(tokens, positions, attention_mask, cache)
         shared_start = start if cache is not None and cache.shared_positions else 0
-        cos, sin = self._rope(positions, length, shared_start)
+        cos = sin = None
+        if self.config.position == "rope":
+            cos, sin = self._rope(positions, length, shared_start)
 
         # Which keys each query may see (True = may attend); causal order is added by `attention`.
         mask, is_causal = None, True
@@ -222,12 +319,23 @@ class Llama(nn.Module):
         elif attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
             mask = attention_mask[:, None, None, :]  # (B, 1, 1, T); a compiled graph cannot look, so it always masks
 
+        bias = self._alibi(tokens, positions, start) if self.config.position == "alibi" else None
+        inputs = AttentionInputs(cos, sin, mask, is_causal, bias)
+
         x = self.tok_embeddings(tokens)  # (B, T, dim)
+        if self.config.residual == "hyper":
+            from .variants.hyper_connections import expand_streams
+
+            x = expand_streams(x, self.config.hyper.rate)  # (B, T, n, dim): n residual streams
         for layer in self.layers:
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, is_causal, cache, use_reentrant=False)
+                x = checkpoint(layer, x, inputs, cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, is_causal, cache)
+                x = layer(x, inputs, cache)
+        if self.config.residual == "hyper":
+            from .variants.hyper_connections import collapse_streams
+
+            x = collapse_streams(x)  # (B, T, dim)
         if cache is not None:
             cache.length += length
             cache.next_position = positions[:, -1] + 1 if positions is not None else cache.next_position + length
@@ -273,6 +381,18 @@ class Llama(nn.Module):
         if cache is not None:
             return offset + torch.arange(length, device=tokens.device)
         return None
+
+    def _alibi(self, tokens: Tensor, positions: Tensor | None, start: int) -> Tensor:
+        """ALiBi's bias -m_h (i - j) (x_llama.variants.alibi): (1, H, T, S) over cache slots, or (B, H, T, T) from
+        explicit per-row positions without a cache. Slot distances equal position distances: a row's tokens are
+        contiguous (left padding only)."""
+        from .variants.alibi import alibi_bias, alibi_slopes
+
+        slopes = alibi_slopes(self.config.n_heads).to(tokens.device)
+        if positions is not None and start == 0:
+            return alibi_bias(slopes, positions, positions)
+        slots = torch.arange(start + tokens.shape[1], device=tokens.device)[None]  # (1, S)
+        return alibi_bias(slopes, slots[:, start:], slots)
 
     def _rope(self, positions: Tensor | None, length: int, start: int = 0) -> tuple[Tensor, Tensor]:
         weight = self.tok_embeddings.weight

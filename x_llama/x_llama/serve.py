@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from torch import Tensor
 
-from axon_shared.config import AxonConfig, require, require_positive
+from axon_shared.config import AxonConfig, ConfigError, require, require_positive
 
 from .generation import left_pad, sample_next
 from .model import KVCache, Llama
@@ -188,6 +188,11 @@ class Engine:
     """The scheduler: one thread owns the model and decodes every active row together (module docstring)."""
 
     def __init__(self, model: Llama, tokenizer, max_batch: int = 32, max_queue: int = 256):
+        if model.config.router == "mod":  # its per-layer key masks (cache.extra) are not shifted/joined by this engine
+            raise ConfigError(
+                "x-llama serve does not batch Mixture-of-Depths models yet (router=mod keeps per-layer key masks the "
+                "continuous-batching cache moves do not carry); use x-llama generate"
+            )
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = model.tok_embeddings.weight.device
@@ -731,7 +736,6 @@ def serve_command(cfg: ServeConfig) -> None:
     import uvicorn
 
     from axon_shared.checkpoint import run_checkpoints
-    from axon_shared.config import ConfigError
 
     from .train import load_pretrained
 

@@ -30,8 +30,15 @@ SAMPLE_PROMPTS = ("In the beginning", "To be, or not to be", "It is a truth univ
 
 def training_flops_per_token(config: LlamaConfig, seq_len: int) -> float:
     """6 N + 12 L T d (Kaplan et al. 2020; PaLM appendix B): N = parameters doing matmuls (all but the
-    embedding table), the second term the attention scores and weighted sum, forward + backward."""
-    n_matmul = config.num_parameters() - config.vocab_size * config.dim
+    embedding table), the second term the attention scores and weighted sum, forward + backward. For the
+    architecture variants N counts the *active* parameters (the experts a token is routed to); the attention term
+    is not reduced for the tokens Mixture-of-Depths routes around its blocks."""
+    if config.is_llama2:
+        n_params = config.num_parameters()
+    else:
+        with torch.device("meta"):
+            n_params = Llama(config).active_parameters()
+    n_matmul = n_params - config.vocab_size * config.dim
     return 6 * n_matmul + 12 * config.n_layers * seq_len * config.dim
 
 
@@ -70,9 +77,13 @@ def train(cfg: TrainConfig, initial_state: dict[str, Tensor] | None = None) -> P
             inputs, targets = batch_at(train_stream, opt.batch_size, seq_len, step_seed(opt.seed, rank, step + 1, micro))
             return inputs.to(trainer.device), targets.to(trainer.device)
 
-        def loss(model: Llama, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict]:
+        def loss(wrapped: torch.nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict]:
             inputs, targets = batch
-            return lm_loss(model(inputs), targets), {}
+            next_token = lm_loss(wrapped(inputs), targets)
+            auxiliary = model.auxiliary_loss()  # the variants' router losses (MoE, Mixture-of-Depths), else None
+            if auxiliary is None:
+                return next_token, {}
+            return next_token + auxiliary, {"lm_loss": next_token.detach(), "aux_loss": auxiliary.detach()}
 
         def evaluate(model: Llama, step: int) -> dict[str, float]:
             valid = evaluate_loss(model, valid_stream, opt.eval_batches, opt.batch_size, seq_len)
