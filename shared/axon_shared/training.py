@@ -486,11 +486,17 @@ class Trainer:
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW parameter groups: weight decay on matrices and embeddings (>= 2-D), none on gains and biases."""
+    """Two AdamW parameter groups: weight decay on matrices and embeddings (>= 2-D), none on gains and biases, nor on
+    a matrix that marks itself `no_weight_decay = True` (hyper-connections' identity-initialised stream mixing A_r,
+    which decay would pull towards cutting the residual path)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def decays(p: nn.Parameter) -> bool:
+        return p.ndim >= 2 and not getattr(p, "no_weight_decay", False)
+
     return [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in trainable if decays(p)], "weight_decay": weight_decay},
+        {"params": [p for p in trainable if not decays(p)], "weight_decay": 0.0},
     ]
 
 

@@ -180,7 +180,9 @@ def measure_run(train_cfg: TrainConfig, eval_windows: int, decode_tokens: int = 
     start = time.perf_counter()
     new = generate(model, [prompt], decode_tokens, temperature=0.0)[0]
     result["decode_tokens_per_s"] = len(new) / (time.perf_counter() - start)
-    throughput = [json.loads(line)["tokens_per_s"] for line in (out_dir / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in line]
+    throughput = [
+        json.loads(line)["tokens_per_s"] for line in (out_dir / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in line
+    ]
     result["train_tokens_per_s"] = statistics.median(throughput[1:] or throughput)
     return result
 
@@ -207,7 +209,9 @@ def ablate(cfg: AblateConfig) -> Path:
             tmp = results_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
             tmp.replace(results_file)
-            print(f"ablate: {key}: valid ppl {measured['ppl_1x']:.2f} (2x {measured['ppl_2x']:.2f}, 4x {measured['ppl_4x']:.2f})", flush=True)
+            print(
+                f"ablate: {key}: valid ppl {measured['ppl_1x']:.2f} (2x {measured['ppl_2x']:.2f}, 4x {measured['ppl_4x']:.2f})", flush=True
+            )
     table = summary_table(results, variants, steps, TrainConfig.from_preset(cfg.base))
     (out_dir / "ABLATION.md").write_text(table)
     plot(results, variants, out_dir / "ablation.png")

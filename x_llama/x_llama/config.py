@@ -205,7 +205,9 @@ class LlamaConfig(AxonConfig):
         """'alibi+differential+moe' style name of the non-default options ('llama2' when there are none)."""
         chosen = [
             value
-            for value, default in zip((self.position, self.attention, self.ffn, self.router, self.residual), ("rope", "softmax", "swiglu", "none", "standard"))
+            for value, default in zip(
+                (self.position, self.attention, self.ffn, self.router, self.residual), ("rope", "softmax", "swiglu", "none", "standard")
+            )
             if value != default
         ]
         return "+".join(chosen) or "llama2"
@@ -226,7 +228,9 @@ class LlamaConfig(AxonConfig):
         """Closed-form parameter count (README, "Parameter count"): 2Vd + L(2d^2 + 2d*Hkv*dh + 3d*h + 2d) + d.
         Llama 2 only: a variant's count is `Llama(config).num_parameters()` (build it on the meta device)."""
         if not self.is_llama2:
-            raise ValueError(f"the closed-form count covers Llama 2 only, not {self.variant_summary()}; count Llama(config) on the meta device")
+            raise ValueError(
+                f"the closed-form count covers Llama 2 only, not {self.variant_summary()}; count Llama(config) on the meta device"
+            )
         d, h, kv = self.dim, self.hidden_dim, self.kv_heads * self.head_dim
         per_layer = 2 * d * d + 2 * d * kv + 3 * d * h + 2 * d
         return 2 * self.vocab_size * d + self.n_layers * per_layer + d
