@@ -126,3 +126,20 @@ def test_bad_configurations_are_clear_errors():
         make_peer(64, top_k=2).train()(torch.randn(1, 1, DIM))
     with pytest.raises(ValueError, match="dim=32"):
         make_peer(64, top_k=2)(torch.randn(1, 3, DIM + 2))
+
+
+def test_dense_and_gathered_expert_scores_agree(monkeypatch):
+    """`expert_scores` scores every expert with one matmul for small pools and gathers the retrieved u_i for large
+    ones: same outputs and same gradients (forcing the gather path by lowering the threshold)."""
+    import x_llama.variants.peer as peer_module
+
+    results = []
+    for threshold in (peer_module.DENSE_SCORES_UP_TO, 0):
+        monkeypatch.setattr(peer_module, "DENSE_SCORES_UP_TO", threshold)
+        layer = make_peer(256, heads=2, top_k=8, seed=3).eval()
+        x = inputs(seed=4).requires_grad_(True)
+        out = layer(x)
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad, layer.expert_down.weight.grad, layer.query.weight.grad))
+    for dense, gathered in zip(*results):
+        torch.testing.assert_close(dense, gathered, rtol=1e-5, atol=1e-6)

@@ -44,6 +44,8 @@ from torch import Tensor, nn
 
 from ..config import LlamaConfig
 
+DENSE_SCORES_UP_TO = 16_384  # expert pools up to this size score every expert with one matmul (`expert_scores`)
+
 
 class PEERFeedForward(nn.Module):
     """x (B, T, dim) -> sum over H heads of the softmax-weighted top-k singleton experts, (B, T, dim).
@@ -113,8 +115,7 @@ class PEERFeedForward(nn.Module):
         tokens = rearrange(x, "... d -> (...) d")  # (N, dim)
         scores, experts = self.retrieve(self.queries(tokens))  # (N, H, k) each
         router = scores.float().softmax(dim=-1)  # g^h_i(x) over each head's k experts (eq. 2)
-        down = self.expert_down(experts)  # u_i, (N, H, k, dim)
-        activation = F.gelu(torch.einsum("nhkd,nd->nhk", down, tokens))  # sigma(u_i^T x), (N, H, k)
+        activation = F.gelu(self.expert_scores(tokens, experts))  # sigma(u_i^T x), (N, H, k)
         weights = rearrange(router * activation, "n h k -> n (h k)")  # g^h_i(x) sigma(u_i^T x)
         # sum over heads and experts of weight * v_i without materialising the (N, H k, dim) tensor of v_i
         out = F.embedding_bag(
@@ -124,6 +125,20 @@ class PEERFeedForward(nn.Module):
             mode="sum",
         )  # (N, dim)
         return out.to(x.dtype).view_as(x)
+
+    def expert_scores(self, tokens: Tensor, experts: Tensor) -> Tensor:
+        """u_i^T x for each token's retrieved experts: tokens (N, dim), experts (N, H, k) -> (N, H, k).
+
+        Two computations of the same numbers. For a pool of the size a CPU run uses (N_experts <= DENSE_SCORES_UP_TO)
+        the dense product x U^T over *every* expert, (N, N_experts), then picking the retrieved entries, is one
+        matmul and is several times faster than gathering H k rows of U per token (an (N, H k, dim) tensor, 268 MB
+        per layer at the `cpu` preset's batch); the gradient is the same, non-zero only on retrieved experts. For
+        the paper's million experts the gather is the only affordable way, and the one used."""
+        if self.n_experts <= DENSE_SCORES_UP_TO:
+            every = tokens @ self.expert_down.weight.T  # (N, N_experts)
+            return every.gather(1, rearrange(experts, "n h k -> n (h k)")).view_as(experts)
+        down = self.expert_down(experts)  # u_i, (N, H, k, dim)
+        return torch.einsum("nhkd,nd->nhk", down, tokens)
 
     def active_parameters(self) -> int:
         """Parameters one token uses: its query networks (+ BatchNorm's affine), all 2 n sub-keys (every sub-key is
