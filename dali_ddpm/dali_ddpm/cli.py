@@ -1,4 +1,4 @@
-"""`dali-ddpm train | sample | evaluate | demo` (one CLI shape for every Axon package)."""
+"""`dali-ddpm train | sample | evaluate | export | demo` (one CLI shape for every Axon package)."""
 
 from axon_shared.cli import Command, build_cli
 
@@ -18,6 +18,11 @@ main = build_cli(
             "dali_ddpm.evaluate:evaluate",
             "dali_ddpm.config:EvaluateConfig",
             "FID-C vs its floor, class histogram, bits/dim, sampler timings",
+        ),
+        "export": Command(
+            "dali_ddpm.export:export_command",
+            "dali_ddpm.config:ExportConfig",
+            "write a run as a diffusers DDPMPipeline folder (UNet2DModel + DDPMScheduler with our schedule)",
         ),
         "demo": Command("dali_ddpm.demo:demo", "dali_ddpm.config:DemoConfig", "<= 4 minute train + sample + evaluate, writes REPORT.md"),
     },

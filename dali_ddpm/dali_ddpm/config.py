@@ -1,4 +1,4 @@
-"""Typed configs for dali_ddpm: the UNet, the diffusion process, training, sampling, evaluation and the demo.
+"""Typed configs for dali_ddpm: the UNet, the diffusion process, training, sampling, evaluation, export and the demo.
 
 Presets (`--preset NAME` on the command line):
 - `cifar10`: the paper's CIFAR-10 model and recipe (Ho et al. 2020, appendix B): 35.7M parameters, T=1000,
@@ -231,6 +231,23 @@ class EvaluateConfig(AxonConfig):
         require(not bad, self, "samplers", "each must be 'ddpm' or 'ddim'")
         require_positive(self, "ddim_steps", "n_samples", "batch_size", "ref_size", "bpd_images", "bpd_timesteps", "classifier_epochs")
         require(self.n_samples >= 2, self, "n_samples", "FID needs >= 2 samples")
+
+
+@dataclass
+class ExportConfig(AxonConfig):
+    """`dali-ddpm export`: a run's EMA (or raw) weights and its diffusion schedule as a diffusers `DDPMPipeline` folder
+    (dali_ddpm.export), loadable with `DDPMPipeline.from_pretrained(out)` / `DDIMPipeline.from_pretrained(out)`."""
+
+    run_dir: str = "runs/dali_ddpm/cpu"
+    checkpoint: str = ""  # default: the latest checkpoint in run_dir/checkpoints
+    format: str = "diffusers"
+    use_ema: bool = True  # export the EMA weights (what `sample` and `evaluate` use); false: the raw weights
+    out: str = ""  # default: run_dir/diffusers
+
+    FORMATS: ClassVar[tuple[str, ...]] = ("diffusers",)
+
+    def validate(self) -> None:
+        require(self.format in self.FORMATS, self, "format", f"must be one of {list(self.FORMATS)}")
 
 
 @dataclass
