@@ -1,4 +1,4 @@
-"""`transformer train | translate | evaluate | average | demo` (one CLI shape for all Axon packages)."""
+"""`transformer train | translate | evaluate | average | export | demo` (one CLI shape for all Axon packages)."""
 
 from axon_shared.cli import Command, build_cli
 
@@ -24,6 +24,11 @@ main = build_cli(
         ),
         "average": Command(
             "transformer.inference:average_command", "transformer.config:AverageConfig", "average the last N checkpoints of a run"
+        ),
+        "export": Command(
+            "transformer.export:export_command",
+            "transformer.config:ExportConfig",
+            "write a run as a Hugging Face MarianMTModel + MarianTokenizer directory (--format marian --out DIR)",
         ),
         "demo": Command(
             "transformer.demo:run_demo", "transformer.config:DemoConfig", "a few minutes of training on real data; writes REPORT.md"

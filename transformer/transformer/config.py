@@ -220,6 +220,24 @@ class AverageConfig(AxonConfig):
 
 
 @dataclass
+class ExportConfig(AxonConfig):
+    """`transformer export`: a run (its latest checkpoint, or the mean of its last N) as a Hugging Face directory
+    (transformer.export): `marian` = save_pretrained of a transformers MarianMTModel + a MarianTokenizer."""
+
+    run_dir: str = "runs/transformer/cpu"
+    checkpoint: str = ""  # a .safetensors file; default: the latest in run_dir/checkpoints
+    average_last: int = 1  # export the mean of the last N checkpoints (section 6.1)
+    format: str = "marian"
+    out: str = ""  # default: run_dir/marian
+
+    FORMATS: ClassVar[tuple[str, ...]] = ("marian",)
+
+    def validate(self) -> None:
+        require(self.format in self.FORMATS, self, "format", f"must be one of {list(self.FORMATS)}")
+        require_positive(self, "average_last")
+
+
+@dataclass
 class DemoConfig(AxonConfig):
     """`transformer demo`: a few minutes of training on real data, then BLEU and example translations."""
 
