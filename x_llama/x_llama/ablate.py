@@ -200,12 +200,15 @@ def ablate(cfg: AblateConfig) -> Path:
         for variant in variants:
             key = f"{variant}-s{seed}"
             train_cfg = variant_train_config(cfg, variant, seed, steps)
-            if key in results and _finished(train_cfg):
-                continue
+            row = results.get(key, {})
+            finished = _finished(train_cfg)
+            if finished and row.get("eval_windows") == cfg.eval_windows:
+                continue  # trained and measured: nothing to do
             print(f"ablate: {key} ({train_cfg.model.variant_summary()}), {steps} steps", flush=True)
-            memory = {} if _finished(train_cfg) else run_training(train_cfg, data_dir)
+            if not finished:
+                row.update(run_training(train_cfg, data_dir))  # a finished run is only re-measured (its peak memory kept)
             measured = measure_run(train_cfg, cfg.eval_windows)
-            results[key] = {"variant": variant, "seed": seed, "steps": steps, **memory, **measured}
+            results[key] = row | {"variant": variant, "seed": seed, "steps": steps, "eval_windows": cfg.eval_windows, **measured}
             tmp = results_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(results, indent=2, sort_keys=True))
             tmp.replace(results_file)

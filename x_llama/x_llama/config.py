@@ -395,7 +395,7 @@ class AblateConfig(AxonConfig):
     seeds: int = 2
     bf16: bool = True
     compile: bool = False  # one precision/compile mode for every variant; not every variant compiles to one graph
-    eval_windows: int = 40  # valid windows at the training context (half as many at 2x, a quarter at 4x)
+    eval_windows: int = 160  # valid windows at the training context (half as many at 2x, a quarter at 4x): 41k tokens
     out_dir: str = "runs/x_llama/ablate"
 
     def validate(self) -> None:

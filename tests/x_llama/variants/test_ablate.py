@@ -48,3 +48,8 @@ def test_ablate_end_to_end_and_resume(tmp_path):
     main([*args, "--out_dir", str(out)])  # resumes: nothing is retrained
     assert [p.stat().st_mtime_ns for p in sorted((out / "baseline-s1" / "checkpoints").iterdir())] == stamps
     assert json.loads((out / "results.json").read_text()) == results
+    main([*args[:-1], "2", "--out_dir", str(out)])  # other evaluation windows: re-measured, not retrained
+    remeasured = json.loads((out / "results.json").read_text())
+    assert [p.stat().st_mtime_ns for p in sorted((out / "baseline-s1" / "checkpoints").iterdir())] == stamps
+    assert remeasured["baseline-s1"]["eval_windows"] == 2
+    assert remeasured["baseline-s1"]["peak_memory_mib"] == results["baseline-s1"]["peak_memory_mib"]

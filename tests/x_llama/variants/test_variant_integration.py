@@ -124,3 +124,18 @@ def test_hyper_connection_stream_mixing_is_not_weight_decayed():
     decayed, kept = (set(map(id, group["params"])) for group in decay_groups(model, 0.1))
     mixing = model.layers[0].hyper_connections[0].residual_weights
     assert id(mixing) in kept and id(model.layers[0].attention.wq.weight) in decayed
+
+
+def test_moe_under_fullgraph_compile_is_a_clear_error(tmp_path):
+    """MoE's per-expert loop stays eager (its group sizes change every step): `--train.compile true` must stop with
+    a ConfigError that names compile and the way out, not a dynamo traceback."""
+    from x_llama.train import train
+
+    base = TrainConfig.from_preset("tiny")
+    cfg = base.replace(
+        model={"ffn": "moe", "moe": {"n_experts": 4}},
+        data={"max_train_chars": 200_000, "max_valid_chars": 20_000, "tokenizer_chars": 200_000},
+        train={"out_dir": str(tmp_path / "moe"), "steps": 1, "compile": True, "batch_size": 2},
+    )
+    with pytest.raises(ConfigError, match="compile=True.*set compile false"):
+        train(cfg)
