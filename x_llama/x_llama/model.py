@@ -5,6 +5,10 @@ rotary position embeddings and grouped-query attention, plus a key/value cache f
     x_l+1 = h_l + W_2 (silu(W_1 m) * W_3 m),                   m = RMSNorm(h_l)
     logits = W_out RMSNorm(x_L)                                                         (Llama.forward)
 
+The architecture lab (x_llama.variants, README "The architecture lab") swaps pieces of the block when the config
+names them (ALiBi/NoPE, differential attention, MoE/PEER, Mixture-of-Depths, hyper-connections); the defaults
+build exactly the model above.
+
 Parameter names are Meta's (`tok_embeddings`, `layers.N.attention.wq`, `feed_forward.w1`, `output`, ...), and
 the RoPE layout is Meta's interleaved one, so a Meta checkpoint loads without conversion (x_llama.hf).
 """
