@@ -16,37 +16,16 @@ import argparse
 import os
 
 import torch
-from transformers import MarianConfig, MarianMTModel
+from transformers import MarianMTModel
 
 from common import MODES, counted_flops, interleaved, peaks, precision
 from transformer import Transformer, TransformerConfig, beam_search, label_smoothed_loss
+from transformer.export import marian_config
 
 
 def marian_like(cfg: TransformerConfig) -> MarianMTModel:
-    """Marian (post-norm, sinusoidal positions, scaled tied embeddings, ReLU) with our dimensions."""
-    config = MarianConfig(
-        vocab_size=cfg.vocab_size,
-        d_model=cfg.d_model,
-        encoder_layers=cfg.n_encoder_layers,
-        decoder_layers=cfg.n_decoder_layers,
-        encoder_attention_heads=cfg.n_heads,
-        decoder_attention_heads=cfg.n_heads,
-        encoder_ffn_dim=cfg.d_ff,
-        decoder_ffn_dim=cfg.d_ff,
-        activation_function="relu",
-        dropout=cfg.dropout,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        max_position_embeddings=cfg.max_len,
-        scale_embedding=True,
-        pad_token_id=cfg.pad_id,
-        eos_token_id=cfg.eos_id,
-        forced_eos_token_id=None,
-        decoder_start_token_id=cfg.bos_id,
-        bos_token_id=cfg.bos_id,
-        share_encoder_decoder_embeddings=True,
-        tie_word_embeddings=True,
-    )
+    """Marian (post-norm, sinusoidal positions, scaled tied embeddings) with our dimensions: the export's config."""
+    config = marian_config(cfg)
     config._attn_implementation = "sdpa"
     return MarianMTModel(config)
 
