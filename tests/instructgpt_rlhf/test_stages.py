@@ -1,19 +1,29 @@
 """Every stage end to end at toy scale on real data (movie snippets, VADER), exact resumption, and clear errors."""
 
 import json
+import socket
+import threading
+import time
+from pathlib import Path
 
+import openai
 import pytest
 import torch
+import uvicorn
 
-from axon_shared.checkpoint import load_checkpoint
+from axon_shared.checkpoint import CheckpointError, load_checkpoint
 from axon_shared.metrics import read_metrics
 from instructgpt_rlhf.cli import main
 from instructgpt_rlhf.config import DPOConfig, EvaluateConfig, PPOConfig, RewardConfig, SFTConfig
 from instructgpt_rlhf.dpo import run_dpo
 from instructgpt_rlhf.evaluate import run_evaluate
+from instructgpt_rlhf.model import load_policy, tokenizer_of
 from instructgpt_rlhf.ppo import run_ppo
 from instructgpt_rlhf.reward import read_jsonl, run_reward
 from instructgpt_rlhf.sft import run_sft
+from x_llama.generation import generate
+from x_llama.serve import ServeConfig, create_app
+from x_llama.train import load_pretrained
 
 
 def model_tensors(path):
@@ -63,6 +73,42 @@ def test_pipeline_stages_on_real_data(tiny_base, tmp_path):
     assert sft_row["kl"] == 0.0 and sft_row["win_rate_vs_sft"] == 0.5
     assert (tmp_path / "eval" / "frontier.png").stat().st_size > 1000
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["num_prompts"] == 16
+    for stage in (sft, ppo, dpo):
+        assert_serves_the_final_policy(stage)
+    with pytest.raises(CheckpointError, match="reward model .* pass a policy"):
+        load_pretrained(rm)
+
+
+def assert_serves_the_final_policy(stage: str) -> None:
+    """`x-llama serve` on a stage directory (as the README's command gives it) serves the stage's final policy,
+    not its last training checkpoint: a real uvicorn server, the official openai client, greedy text equal to
+    `generate` on `load_policy`, the model named after the stage directory."""
+    policy, tokenizer = load_policy(stage).eval(), tokenizer_of(stage)
+    served, served_tokenizer, _ = load_pretrained(stage)
+    assert served_tokenizer.encode("a fine film", bos=True) == tokenizer.encode("a fine film", bos=True)
+    for name, tensor in policy.state_dict().items():
+        assert torch.equal(served.state_dict()[name], tensor), name
+    app = create_app(served, served_tokenizer, Path(stage).name, ServeConfig(checkpoint=stage))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 20
+        while not server.started:
+            assert time.time() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="none", max_retries=0, timeout=30)
+        assert [m.id for m in client.models.list().data] == [Path(stage).name]
+        for prompt in ("The movie", "I thought this film"):
+            ids = tokenizer.encode(prompt, bos=True)
+            expected = tokenizer.decode(ids + generate(policy, [ids], 10, eos_id=tokenizer.eos_id)[0])[len(tokenizer.decode(ids)) :]
+            text = client.completions.create(model=Path(stage).name, prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+            assert text == expected, (stage, prompt)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def test_cli_reports_bad_values_and_missing_inputs(tmp_path):

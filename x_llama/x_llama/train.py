@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from axon_shared.checkpoint import load_checkpoint, run_checkpoints
+from axon_shared.checkpoint import CheckpointError, load_checkpoint, run_checkpoints
 from axon_shared.schedules import CosineSchedule
 from axon_shared.tokenizer import Tokenizer, load_tokenizer
 from axon_shared.training import Trainer
@@ -24,6 +24,8 @@ from .config import LlamaConfig, TrainConfig
 from .data import batch_at, build_tokenizer, step_seed, token_stream
 from .generation import generate
 from .model import Llama, lm_loss
+
+POLICY_FILE = "policy.safetensors"  # instructgpt_rlhf's final model of a stage (sft, ppo, dpo)
 
 SAMPLE_PROMPTS = ("In the beginning", "To be, or not to be", "It is a truth universally acknowledged", "And the LORD said")
 
@@ -125,9 +127,20 @@ def _write_samples(model: Llama, tokenizer: Tokenizer, out_dir: Path, max_new_to
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[Llama, Tokenizer | None, LlamaConfig]:
     """(model in eval mode, tokenizer or None, model config) from a run directory (its latest checkpoint) or a
     checkpoint file. Only the checkpoint's `model` section is read, so runs of other packages whose model is a
-    Llama (instructgpt_rlhf's policies) load too."""
-    run_dir, (path,) = run_checkpoints(path)
+    Llama load too: an instructgpt_rlhf stage directory (sft, ppo, dpo) gives its final `policy.safetensors`,
+    not the stage's training state. A reward or value model (a scalar head, not a language model) is refused."""
+    path = Path(path)
+    if path.is_dir() and not (path / POLICY_FILE).is_file() and (path / "reward.safetensors").is_file():
+        path = path / "reward.safetensors"  # a reward stage: refused below, with the reason
+    final_policy = path.is_dir() and (path / POLICY_FILE).is_file()
+    run_dir, (path,) = run_checkpoints(path, name=POLICY_FILE if final_policy else None)
     checkpoint = load_checkpoint(path)
+    kind = checkpoint.config.get("kind")
+    if kind in ("reward", "value"):
+        raise CheckpointError(
+            f"{path} is instructgpt_rlhf's {kind} model (a scalar head that scores text, not a language model); "
+            "pass a policy: the run directory of an sft, ppo or dpo stage"
+        )
     model_config = checkpoint.model_config(LlamaConfig)
     model = Llama(model_config)
     checkpoint.restore(model, rng=False)
