@@ -1,5 +1,7 @@
 """`x-llama serve` under load: 1, 8 and 32 concurrent clients, each sending greedy /v1/completions requests one
-after another; requests/s, completion tokens/s, p50/p99 latency and errors per level.
+after another; requests/s, completion tokens/s, p50/p99 latency and errors per level, the server's resident memory
+after each level (in-process server only), and the batching gain: tokens/s at the most clients over one client.
+The largest level runs three times, so that memory growth from run to run (a leak: rows or caches not freed) shows.
 
 The server runs in this process (uvicorn in a thread, on a free 127.0.0.1 port) over --checkpoint, or --url points
 at one already running (then --api_key if it has one).
@@ -12,6 +14,8 @@ at one already running (then --api_key if it has one).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import socket
 import statistics
 import threading
@@ -46,6 +50,20 @@ def start_server(checkpoint: str, max_batch: int) -> tuple[str, object]:
     while not server.started:
         time.sleep(0.05)
     return f"http://127.0.0.1:{sock.getsockname()[1]}", server
+
+
+def resident_mib(field: str = "VmRSS") -> float:
+    """This process's resident memory (VmRSS now, or VmHWM: the peak) from /proc, in MiB; nan off Linux. glibc's
+    free lists are returned to the system first (malloc_trim), so what remains is memory still held."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def run_level(url: str, headers: dict, clients: int, requests_per_client: int, max_tokens: int) -> dict:
@@ -104,13 +122,28 @@ def main() -> None:
     url, headers = args.url, {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     if url is None:
         url, _ = start_server(args.checkpoint, args.max_batch)
+    in_process = args.url is None
     run_level(url, headers, 1, 1, 4)  # warm-up
-    print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} {'errors':>6}")
-    for clients in args.clients:
+    before = resident_mib()
+    print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} {'errors':>6} {'RSS MiB':>8}")
+    rows = []
+    for clients in [*args.clients, max(args.clients), max(args.clients)]:  # the largest level 3 times: memory must not grow
         row = run_level(url, headers, clients, max(1, args.requests // clients), args.max_tokens)
+        row["rss_mib"] = resident_mib() if in_process else float("nan")
+        rows.append(row)
         print(
             f"{row['clients']:>7} {row['requests']:>8} {row['requests_per_s']:>7.2f} {row['tokens_per_s']:>9.1f} "
-            f"{row['p50_s']:>7.3f} {row['p99_s']:>7.3f} {row['errors']:>6}"
+            f"{row['p50_s']:>7.3f} {row['p99_s']:>7.3f} {row['errors']:>6} {row['rss_mib']:>8.0f}"
+        )
+    one = next((r for r in rows if r["clients"] == 1), None)
+    if one is not None and max(args.clients) > 1:
+        gain = rows[-1]["tokens_per_s"] / one["tokens_per_s"]
+        print(f"batching gain: {max(args.clients)} clients give {gain:.2f}x the tokens/s of one client (target >= 4x)")
+    print(f"errors in all: {sum(r['errors'] for r in rows)}")
+    if in_process:
+        repeats = ", ".join(f"{r['rss_mib']:.0f}" for r in rows[-3:])
+        print(
+            f"server memory: {before:.0f} MiB after warm-up; {repeats} MiB after each run of the largest level; peak {resident_mib('VmHWM'):.0f} MiB"
         )
 
 
