@@ -9,31 +9,31 @@ k = 2 * block + sublayer) is wrapped by the hyper-connection matrix
 
     HC = [[0_{1x1}, B  ],      B   in R^{1 x n}   depth connection: sublayer output -> streams
           [A_m,     A_r]]      A_m in R^{n x 1}   width connection: streams -> sublayer input
-                               A_r in R^{n x n}   width connection: streams -> streams           (eq. 1)
+                               A_r in R^{n x n}   width connection: streams -> streams
 
-    h_0^T = A_m^T H            the sublayer input, a weighted sum of the streams                (eq. 3)
-    H'    = A_r^T H            the streams mixed among themselves                                (eq. 4)
-    Ĥ     = B^T T(h_0)^T + H'  the sublayer output added to stream j with weight B_j            (eq. 5)
+    h_0^T = A_m^T H            the sublayer input, a weighted sum of the streams
+    H'    = A_r^T H            the streams mixed among themselves
+    Ĥ     = B^T T(h_0)^T + H'  the sublayer output added to stream j with weight B_j
 
-that is Ĥ = HC(T, H) = B^T T(H^T A_m)^T + A_r^T H (eq. 2).
+that is Ĥ = HC(T, H) = B^T T(H^T A_m)^T + A_r^T H.
 
 Section 2.2, dynamic hyper-connections (DHC). The weights also depend on the streams, token by token: each
 stream is normalised, projected, squashed by tanh, scaled by a small learnable scalar (s_alpha for both width
 connections, s_beta for the depth connection) and added to the static weights:
 
-    H̄      = norm(H)                                                    row by row  (eq. 9)
-    B(H)   = s_beta  tanh(H̄ W_beta)^T + B      W_beta in R^{d x 1}                  (eq. 10)
-    A_m(H) = s_alpha tanh(H̄ W_m)      + A_m    W_m    in R^{d x 1}                  (eq. 11)
-    A_r(H) = s_alpha tanh(H̄ W_r)      + A_r    W_r    in R^{d x n}                  (eq. 12)
+    H̄      = norm(H)                                                    row by row
+    B(H)   = s_beta  tanh(H̄ W_beta)^T + B      W_beta in R^{d x 1}
+    A_m(H) = s_alpha tanh(H̄ W_m)      + A_m    W_m    in R^{d x 1}
+    A_r(H) = s_alpha tanh(H̄ W_r)      + A_r    W_r    in R^{d x n}
 
 so row i of A_m(H) and A_r(H), and entry i of B(H), are functions of stream i alone.
 
 Section 2.3, initialisation. W_beta = W_m = W_r = 0 and the static weights
 
     [[0_{1x1},     1_{1 x n}],
-     [e_{k mod n}, I_{n x n}]]                                                         (eq. 13)
+     [e_{k mod n}, I_{n x n}]]
 
-with s_alpha = s_beta = 0.01 (the paper's pseudo-code, appendix J, Algorithm 2). Layer k reads stream k mod n,
+with s_alpha = s_beta = 0.01 (the paper's pseudo-code). Layer k reads stream k mod n,
 keeps every stream as it is, and adds its output to every stream. Starting from n equal copies the streams therefore
 stay equal, each is the pre-norm residual state (x + f(x) after every sublayer), and their sum is n times it; the
 final RMSNorm removes the factor n (up to its eps), so the network starts as the pre-norm Transformer it replaces.
@@ -43,7 +43,9 @@ In x_llama (`LlamaConfig.residual = "hyper"`, `config.hyper.rate` = n, `config.h
 `Block` holds two `HyperConnection`s (attention, feed-forward) and takes streams (B, T, n, dim); the model expands the
 embeddings with `expand_streams` before the first block and sums them with `collapse_streams` before the final norm.
 
-Deviations: norm() in eq. 9 is RMSNorm with a learnable gain (the paper's code uses LayerNorm; Llama has none).
+Equations are cited by section, not number: their numbers were not checked against the paper here.
+
+Deviations: norm() in the DHC is RMSNorm with a learnable gain (the paper's code uses LayerNorm; Llama has none).
 The stream mixing runs in the streams' dtype with autocast off, so under bf16 autocast the residual streams stay in
 float32 as the standard residual stream does; only the sublayer itself runs in bf16.
 """
@@ -88,7 +90,7 @@ def streams_precision(streams: Tensor) -> Iterator[None]:
 
 
 class HyperConnection(nn.Module):
-    """One hyper-connection around one sublayer (eqs. 1-5; dynamic eqs. 9-12; initialisation eq. 13).
+    """One hyper-connection around one sublayer (SHC, section 2.1; DHC, section 2.2; initialisation, section 2.3).
 
     `forward(streams, sublayer)`: streams H (B, T, n, dim) -> Ĥ = B^T sublayer(A_m^T H)^T + A_r^T H (B, T, n, dim).
     `sublayer` maps (B, T, dim) -> (B, T, dim) and includes its pre-norm (Block: attention(attention_norm(h))).
@@ -107,14 +109,14 @@ class HyperConnection(nn.Module):
         if config.hyper.rate < 1:
             raise ValueError(f"hyper.rate (the number of residual streams) must be >= 1, got {config.hyper.rate}")
         self.rate, self.dim, self.dynamic = config.hyper.rate, config.dim, config.hyper.dynamic
-        self.depth = 2 * layer_index + sublayer_index  # the paper's layer counter k (eq. 13)
+        self.depth = 2 * layer_index + sublayer_index  # the paper's layer counter k (initialisation)
         n = self.rate
         self.input_weights = nn.Parameter(torch.empty(n))  # A_m
         self.residual_weights = nn.Parameter(torch.empty(n, n))  # A_r
         self.residual_weights.no_weight_decay = True  # the identity at init: decay would shrink the residual path
         self.output_weights = nn.Parameter(torch.empty(n))  # B
         if self.dynamic:
-            self.norm = RMSNorm(config.dim, config.norm_eps)  # eq. 9
+            self.norm = RMSNorm(config.dim, config.norm_eps)  # norm(H) of the DHC
             self.input_projection = nn.Parameter(torch.empty(config.dim))  # W_m
             self.residual_projection = nn.Parameter(torch.empty(config.dim, n))  # W_r
             self.output_projection = nn.Parameter(torch.empty(config.dim))  # W_beta
@@ -123,7 +125,7 @@ class HyperConnection(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Eq. 13: A_m = e_{k mod n}, A_r = I, B = 1; W_m = W_r = W_beta = 0, s_alpha = s_beta = 0.01, norm gain 1."""
+        """Initialisation (section 2.3): A_m = e_{k mod n}, A_r = I, B = 1; W_m = W_r = W_beta = 0, s_alpha = s_beta = 0.01, norm gain 1."""
         with torch.no_grad():
             self.input_weights.zero_()
             self.input_weights[self.depth % self.rate] = 1.0
@@ -151,12 +153,12 @@ class HyperConnection(nn.Module):
         self.check_streams(streams)
         with streams_precision(streams):
             input_weights, residual_weights, output_weights = (w.to(streams.dtype) for w in self.connection_weights(streams))
-            sublayer_input = einsum(input_weights, streams, "... i, ... i d -> ... d")  # h_0^T = A_m^T H (B, T, d), eq. 3
-            kept = einsum(residual_weights, streams, "... i j, ... i d -> ... j d")  # H' = A_r^T H (B, T, n, d), eq. 4
+            sublayer_input = einsum(input_weights, streams, "... i, ... i d -> ... d")  # h_0^T = A_m^T H (B, T, d)
+            kept = einsum(residual_weights, streams, "... i j, ... i d -> ... j d")  # H' = A_r^T H (B, T, n, d)
         sublayer_output = sublayer(sublayer_input)  # T(h_0) (B, T, d), under the caller's autocast
         with streams_precision(streams):
             added = einsum(output_weights, sublayer_output.to(streams.dtype), "... j, ... d -> ... j d")  # B^T T(h_0)^T
-            return kept + added  # Ĥ (B, T, n, d), eq. 5
+            return kept + added  # Ĥ (B, T, n, d)
 
     def check_streams(self, streams: Tensor) -> None:
         if streams.ndim != 4 or streams.shape[2] != self.rate or streams.shape[3] != self.dim:

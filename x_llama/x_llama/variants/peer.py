@@ -1,16 +1,16 @@
-"""PEER: parameter efficient expert retrieval (He 2024, "Mixture of A Million Experts", arXiv:2407.04202) in place
+"""PEER: parameter efficient expert retrieval (He 2024, "Mixture of A Million Experts", arXiv:2407.04153) in place
 of the dense feed-forward (x_llama `LlamaConfig.ffn = "peer"`, sizes in `LlamaConfig.peer`).
 
-A pool of N tiny experts, each one hidden neuron (section 2, eq. 6), with u_i, v_i in R^dim:
+A pool of N tiny experts, each one hidden neuron (the paper's section on the PEER layer), with u_i, v_i in R^dim:
 
     e_i(x) = sigma(u_i^T x) v_i                                         sigma = GELU (the paper leaves it open)
 
 A query network q(x) (a bias-free Linear to key_dim, then the query BatchNorm of Lample et al. 2019 when
-`peer.query_batchnorm`) retrieves the k experts whose keys k_i score highest, and mixes them (eq. 1-3):
+`peer.query_batchnorm`) retrieves the k experts whose keys k_i score highest, and mixes them:
 
     I = T_k({q(x)^T k_i}_{i=1..N}),    g_i(x) = softmax_{i in I}(q(x)^T k_i),    f(x) = sum_{i in I} g_i(x) e_i(x)
 
-Product keys (Lample et al. 2019, "Large Memory Layers with Product Keys", section 3; PEER eq. 4-5). The N = n^2
+Product keys (Lample et al. 2019, "Large Memory Layers with Product Keys", section 3; adopted by PEER). The N = n^2
 keys are never stored: key (i, j) is the concatenation [c_i; c'_j] of two sub-keys from two sets C, C' of n
 vectors of size key_dim/2 each (`sub_keys`, (2, n, key_dim/2)), expert index i n + j. With q = [q_1; q_2],
 
@@ -21,7 +21,7 @@ is *exactly* the top-k over all N keys: if (i, j) is in the overall top-k and i 
 of I_C would each beat c_i and, paired with c'_j, give k keys scoring above (i, j). Cost: 2 n + k^2 scores
 instead of N = n^2.
 
-Multi-head retrieval (eq. 7): H query networks (one Linear to H key_dim, one BatchNorm over it) share the
+Multi-head retrieval: H query networks (one Linear to H key_dim, one BatchNorm over it) share the
 experts and the sub-keys; each head retrieves its own k experts and the heads' outputs add up:
 
     f(x) = sum_{h=1..H} sum_{i in I^h} g^h_i(x) e_i(x)
@@ -31,6 +31,8 @@ so a token uses H k singleton experts, a dynamically assembled MLP with H k hidd
 Query BatchNorm normalises each query feature over the training batch, so in training a token's query depends on
 the other tokens of the batch (later positions included); at inference it uses the running statistics and is
 causal. `peer.query_batchnorm = false` drops it.
+
+The paper's equations are cited by name, not number: their numbers were not checked against the paper here.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ class PEERFeedForward(nn.Module):
         return rearrange(self.query_norm(self.query(tokens)), "n (h d) -> n h d", h=self.heads)
 
     def retrieve(self, queries: Tensor) -> tuple[Tensor, Tensor]:
-        """Product-key top-k (Lample et al. 2019; PEER eq. 4-5): queries (..., key_dim) -> the k best scores
+        """Product-key top-k (Lample et al. 2019, as in PEER): queries (..., key_dim) -> the k best scores
         q^T k_i (..., k) in decreasing order and their expert indices i n + j (..., k)."""
         k, n = self.top_k, self.n_sub_keys
         first_half, second_half = queries.chunk(2, dim=-1)  # q_1, q_2: (..., key_dim / 2)
@@ -114,7 +116,7 @@ class PEERFeedForward(nn.Module):
             )
         tokens = rearrange(x, "... d -> (...) d")  # (N, dim)
         scores, experts = self.retrieve(self.queries(tokens))  # (N, H, k) each
-        router = scores.float().softmax(dim=-1)  # g^h_i(x) over each head's k experts (eq. 2)
+        router = scores.float().softmax(dim=-1)  # g^h_i(x) over each head's k experts
         activation = F.gelu(self.expert_scores(tokens, experts))  # sigma(u_i^T x), (N, H, k)
         weights = rearrange(router * activation, "n h k -> n (h k)")  # g^h_i(x) sigma(u_i^T x)
         # sum over heads and experts of weight * v_i without materialising the (N, H k, dim) tensor of v_i
