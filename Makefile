@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: install data test lint demo bench clean
+.PHONY: install data test lint demo bench mutation clean
 
 $(VENV)/.installed: $(foreach p,$(PACKAGES),$(p)/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ demo: data
 
 bench: install
 	@for b in benchmarks/*_bench.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# mutation testing (cosmic-ray) of the modules that implement the papers' equations; hours; resumes; not run by CI
+mutation: data
+	$(PY) tests/mutation.py --out_dir runs/mutation
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
