@@ -33,12 +33,12 @@ def test_real_rotation_equals_complex_multiplication():
 
 def test_interleaved_and_half_layouts_differ_by_the_permutation():
     torch.manual_seed(1)
-    x = torch.randn(5, 8)  # (T, d) in the interleaved layout
+    x = torch.randn(2, 3, 5, 8)  # (B, H, T, d) in the interleaved layout
     positions = torch.arange(5) * 7
     permutation = meta_to_half_permutation(8)
     rotated_interleaved = apply_rotary_complex(x, positions)
-    rotated_half = apply_rotary_half(x[:, permutation], positions)
-    assert_close(rotated_half, rotated_interleaved[:, permutation], atol=1e-6, rtol=0)
+    rotated_half = apply_rotary_half(x[..., permutation], positions)
+    assert_close(rotated_half, rotated_interleaved[..., permutation], atol=1e-6, rtol=0)
     # without the permutation the two layouts disagree
     assert (apply_rotary_half(x, positions) - rotated_interleaved).abs().max() > 1e-2
 
