@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from axon_shared.checkpoint import load_checkpoint
 from axon_shared.config import ConfigError
 from axon_shared.tokenizer import load_tokenizer
 from axon_shared.training import batch_indices
@@ -265,3 +266,31 @@ def test_reward_model_prior_enters_the_posterior_with_the_right_orientation():
     q_a = by_hand_e_step([[(k, w == a)]], c, prior=1 / (1 + math.exp(-(good[0][a] - good[0][b]))))[0]
     index = [tuple(p) for p in pairs[0]].index((a, b) if q_a >= 0.5 else (b, a))
     assert abs(targets[0][index] - max(q_a, 1 - q_a)) < 1e-9
+
+
+def test_perfect_labelers_train_the_plain_reward_model(sft_dir, tmp_path):
+    """A pool whose labelers are all perfect (reliability 1, no adversaries) aggregated by the EM gives back the
+    ground-truth pairs with targets 1, and the reward stage then trains the same reward model as the single
+    ground-truth labeller: the weighting changes nothing when there is nothing to correct."""
+    tokenizer = load_tokenizer(sft_dir / "tokenizer.model")
+    src = tmp_path / "src"
+    truth = random_records(16, 4, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.bos_id, 2, tie_every=5)
+    write_jsonl(src / "preferences_train.jsonl", truth)
+    write_jsonl(src / "preferences_valid.jsonl", random_records(8, 3, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.bos_id, 3))
+    runs = {}
+    for name, pool in (
+        ("plain", {}),
+        ("weighted", {"n": 5, "reliability_low": 1.0, "reliability_high": 1.0, "prior_alpha": 1.0, "prior_beta": 1.0}),
+    ):
+        out = tmp_path / name
+        cfg = RewardConfig.from_preset("tiny", sft=str(sft_dir), samples_from=str(src), labelers=pool, train={"out_dir": str(out)})
+        reward_module.run_reward(cfg)
+        runs[name] = out
+    train = reward_module.read_jsonl(runs["weighted"] / "preferences_train.jsonl")
+    assert [r["pairs"] for r in train] == [r["pairs"] for r in reward_module.read_jsonl(src / "preferences_train.jsonl")]
+    assert min(t for r in train for t in r["targets"]) > 1 - 1e-6
+    plain = load_checkpoint(runs["plain"] / "reward.safetensors").tensors["model"]
+    weighted = load_checkpoint(runs["weighted"] / "reward.safetensors").tensors["model"]
+    assert plain.keys() == weighted.keys()
+    for key in plain:
+        assert_close(weighted[key], plain[key], atol=1e-5, rtol=0, msg=key)
