@@ -232,14 +232,32 @@ def mean_interval(values: list[float]) -> tuple[float, float]:
     return mean, float(stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
 
 
+def paired_difference(
+    results: dict[str, dict], variant: str, key: str = "ppl_1x", reference: str = "baseline"
+) -> tuple[float, float, int] | None:
+    """variant - reference over the seeds both ran, with the 95% t-interval of the mean difference, and n.
+
+    A seed fixes the data order and the evaluation windows for every variant, so the seed-to-seed variation they
+    share cancels in the per-seed difference: this interval is the one that says whether a variant differs from
+    the reference, and it is narrower than the two variants' own intervals suggest."""
+    by_seed = {r["seed"]: r[key] for r in results.values() if r["variant"] == reference}
+    differences = [r[key] - by_seed[r["seed"]] for r in results.values() if r["variant"] == variant and r["seed"] in by_seed]
+    if not differences:
+        return None
+    mean, half = mean_interval(differences)
+    return mean, half, len(differences)
+
+
 def summary_table(results: dict[str, dict], variants: list[str], steps: int, base: TrainConfig) -> str:
     tokens = steps * base.train.batch_size * base.data.seq_len
     lines = [
         f"{steps} steps x {base.train.batch_size} x {base.data.seq_len} tokens = {tokens / 1e6:.2f}M training tokens per run; "
-        "valid perplexity: mean ± 95% t-interval over seeds (n = seeds)",
+        "valid perplexity: mean ± 95% t-interval over seeds (n = seeds), each seed's value in brackets; "
+        "Δ baseline: the paired difference from the baseline on the same seeds, mean ± 95% t-interval (an interval "
+        "that excludes 0 is a difference beyond the seed-to-seed noise)",
         "",
-        "| variant | n | valid ppl | ppl @2x ctx | ppl @4x ctx | params | active | train tok/s | peak MiB | decode tok/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | n | valid ppl | Δ baseline | ppl @2x ctx | ppl @4x ctx | params | active | train tok/s | peak MiB | decode tok/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for variant in variants:
         rows = [r for r in results.values() if r["variant"] == variant]
@@ -251,11 +269,16 @@ def summary_table(results: dict[str, dict], variants: list[str], steps: int, bas
             if not values:
                 return "-"
             mean, half = mean_interval(values)
-            return f"{mean:{fmt}} ± {half:{fmt}}" if len(values) > 1 and key.startswith("ppl") else f"{mean:{fmt}}"
+            if len(values) > 1 and key.startswith("ppl"):
+                return f"{mean:{fmt}} ± {half:{fmt}} ({', '.join(f'{v:{fmt}}' for v in values)})"
+            return f"{mean:{fmt}}"
 
+        paired = paired_difference(results, variant) if variant != "baseline" else None
+        delta = "-" if paired is None else f"{paired[0]:+.2f}" + (f" ± {paired[1]:.2f}" if paired[2] > 1 else "")
+        rows.sort(key=lambda r: r["seed"])
         first = rows[0]
         lines.append(
-            f"| {variant} | {len(rows)} | {cell('ppl_1x')} | {cell('ppl_2x')} | {cell('ppl_4x')} | {first['params'] / 1e6:.2f}M | "
+            f"| {variant} | {len(rows)} | {cell('ppl_1x')} | {delta} | {cell('ppl_2x')} | {cell('ppl_4x')} | {first['params'] / 1e6:.2f}M | "
             f"{first['active_params'] / 1e6:.2f}M | {cell('train_tokens_per_s', ',.0f')} | {cell('peak_memory_mib', ',.0f')} | "
             f"{cell('decode_tokens_per_s', ',.0f')} |"
         )

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 from torch.testing import assert_close
 
-from x_llama.ablate import mean_interval, variant_train_config
+from x_llama.ablate import mean_interval, paired_difference, summary_table, variant_train_config
 from x_llama.cli import main
-from x_llama.config import AblateConfig
+from x_llama.config import AblateConfig, TrainConfig
 
 
 def test_mean_interval_is_the_student_t_interval():
@@ -19,6 +20,24 @@ def test_mean_interval_is_the_student_t_interval():
     assert mean == 11.0
     assert_close(half, 12.7062 * math.sqrt(2.0) / math.sqrt(2), rtol=1e-4, atol=0)
     assert mean_interval([3.0]) == (3.0, 0.0)
+
+
+def test_paired_difference_cancels_the_shared_seed_effect():
+    """Seeds 1 and 2 move both variants together (+10): each variant's own interval is wide, the paired difference
+    (-5.0, -5.2 per seed) is narrow and excludes 0; seeds only one of them ran are left out."""
+    rows = {"baseline": [(1, 60.0), (2, 70.0)], "alibi": [(1, 55.0), (2, 64.8), (3, 50.0)]}
+    results = {
+        f"{v}-s{seed}": {"variant": v, "seed": seed, "ppl_1x": p, "params": 1e6, "active_params": 1e6}
+        for v, pairs in rows.items()
+        for seed, p in pairs
+    }
+    mean, half, n = paired_difference(results, "alibi")
+    assert n == 2 and abs(mean + 5.1) < 1e-9
+    assert_close(half, 12.7062 * statistics.stdev([-5.0, -5.2]) / math.sqrt(2), rtol=1e-4, atol=0)
+    assert mean + half < 0 < mean_interval([55.0, 64.8])[1] - 5.1  # the paired interval excludes 0, the variant's own would not
+    assert paired_difference(results, "nope") is None
+    table = summary_table(results, ["baseline", "alibi"], 10, TrainConfig.from_preset("tiny"))
+    assert "| alibi | 3 | 56.60 ± " in table and "(55.00, 64.80, 50.00)" in table and f"| -5.10 ± {half:.2f} |" in table
 
 
 def test_variants_share_budget_data_and_optimiser():
