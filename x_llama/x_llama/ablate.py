@@ -237,8 +237,8 @@ def paired_difference(
 ) -> tuple[float, float, int] | None:
     """variant - reference over the seeds both ran, with the 95% t-interval of the mean difference, and n.
 
-    A seed fixes the data order and the evaluation windows for every variant, so the seed-to-seed variation they
-    share cancels in the per-seed difference: this interval is the one that says whether a variant differs from
+    A seed fixes the data order and the initialisation's random stream for every variant (the evaluation windows
+    are the same for every run), so the seed-to-seed variation they share cancels in the per-seed difference: this interval is the one that says whether a variant differs from
     the reference, and it is narrower than the two variants' own intervals suggest."""
     by_seed = {r["seed"]: r[key] for r in results.values() if r["variant"] == reference}
     differences = [r[key] - by_seed[r["seed"]] for r in results.values() if r["variant"] == variant and r["seed"] in by_seed]
