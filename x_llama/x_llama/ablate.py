@@ -295,17 +295,34 @@ def plot(results: dict[str, dict], variants: list[str], path: Path) -> None:
     if not shown:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for factor, marker in ((1, "o"), (2, "s"), (4, "^")):
-        means, halves = zip(*(mean_interval([r[f"ppl_{factor}x"] for r in results.values() if r["variant"] == v]) for v in shown))
-        axes[0].errorbar(range(len(shown)), means, yerr=halves, fmt=marker, capsize=3, label=f"{factor}x training context")
+    # left: each variant's paired difference from the baseline (seed by seed): its mean and 95% t-interval
+    others = [v for v in shown if v != "baseline"]
+    for offset, (factor, marker) in zip((-0.2, 0.0, 0.2), ((1, "o"), (2, "s"), (4, "^"))):
+        key = f"ppl_{factor}x"
+        for i, variant in enumerate(others):
+            paired = paired_difference(results, variant, key)
+            if paired is None:
+                continue
+            mean, half, _ = paired
+            axes[0].errorbar(
+                i + offset,
+                mean,
+                yerr=half,
+                fmt=marker,
+                color=f"C{factor // 2}",
+                capsize=3,
+                label=f"{factor}x training context" if i == 0 else None,
+            )
         if factor == 1:
             speed = [statistics.fmean(r["train_tokens_per_s"] for r in results.values() if r["variant"] == v) for v in shown]
+            means = [statistics.fmean(r[key] for r in results.values() if r["variant"] == v) for v in shown]
             axes[1].scatter(speed, means)
             for name, x, y in zip(shown, speed, means):
                 axes[1].annotate(name, (x, y))
-    axes[0].set_xticks(range(len(shown)), shown, rotation=30)
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("valid perplexity (95% interval over seeds)")
+    axes[0].axhline(0, color="grey", linewidth=0.8)
+    axes[0].set_xticks(range(len(others)), others, rotation=30)
+    axes[0].set_ylabel("valid perplexity - baseline's (paired by seed, 95%)")
+    axes[0].set_ylim(-40, 60)
     axes[0].legend()
     axes[1].set_xlabel("training tokens/s")
     axes[1].set_ylabel("valid perplexity")
