@@ -130,10 +130,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     Llama load too: an instructgpt_rlhf stage directory (sft, ppo, dpo) gives its final `policy.safetensors`,
     not the stage's training state. A reward or value model (a scalar head, not a language model) is refused."""
     path = Path(path)
-    if path.is_dir() and not (path / POLICY_FILE).is_file() and (path / "reward.safetensors").is_file():
-        path = path / "reward.safetensors"  # a reward stage: refused below, with the reason
-    final_policy = path.is_dir() and (path / POLICY_FILE).is_file()
-    run_dir, (path,) = run_checkpoints(path, name=POLICY_FILE if final_policy else None)
+    if path.is_dir():  # a stage's final model wins over its training state; a reward stage is refused below
+        path = next((path / name for name in (POLICY_FILE, "reward.safetensors") if (path / name).is_file()), path)
+    run_dir, (path,) = run_checkpoints(path)
     checkpoint = load_checkpoint(path)
     kind = checkpoint.config.get("kind")
     if kind in ("reward", "value"):
