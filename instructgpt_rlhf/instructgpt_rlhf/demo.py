@@ -1,4 +1,4 @@
-"""`demo`: the whole pipeline at demo scale (x_llama tiny pretraining included), in about 3-4 minutes on 2 cores;
+"""`demo`: the whole pipeline at demo scale (x_llama tiny pretraining included), in about 3 minutes on 2 cores;
 writes <out_dir>/REPORT.md, a Markdown fragment whose image links are relative to runs/demo."""
 
 from __future__ import annotations
