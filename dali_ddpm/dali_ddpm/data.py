@@ -2,12 +2,15 @@
 
 The paper scales 8-bit pixels linearly to [-1, 1] (section 3.3), so x0 lives on 256 evenly spaced levels; the
 discrete decoder L_0 relies on that. Fashion-MNIST and MNIST are 28x28 and are padded with background (0) to 32x32
-so that three resolution levels (32, 16, 8) divide evenly.
+so that three resolution levels (32, 16, 8) divide evenly. A model smaller than the images gets them shrunk first by
+the smallest integer factor that fits, averaging each factor x factor block (28x28 -> 14x14 for a 16x16 model, the
+demo's MNIST) and rounding back to 8 bits, so x0 stays on the 256 levels.
 """
 
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from axon_shared.data import load_split
@@ -22,7 +25,23 @@ def load_images(dataset: str, split: str, image_size: int, channels: int = 1) ->
     data = load_split(dataset, split)
     images = torch.from_numpy(data["images"])  # (N, H, W) uint8
     labels = torch.from_numpy(data["labels"]).long()
-    return pad_to(images, image_size)[:, None].expand(-1, channels, -1, -1).contiguous(), labels
+    return pad_to(shrink_to_fit(images, image_size), image_size)[:, None].expand(-1, channels, -1, -1).contiguous(), labels
+
+
+def shrink_to_fit(images: Tensor, size: int) -> Tensor:
+    """(N, H, W) uint8 -> (N, H/f, W/f) uint8 with f the smallest integer factor for which H/f, W/f <= size (f = 1:
+    unchanged): the mean of each f x f block, rounded. H and W must be multiples of f."""
+    _, height, width = images.shape
+    factor = -(-max(height, width) // size)  # ceil
+    if factor == 1:
+        return images
+    if height % factor or width % factor:
+        raise ValueError(
+            f"images are {height}x{width}: shrinking them into image_size={size} needs a factor of {factor}, which does not "
+            f"divide both sides; choose an image_size of at least {max(height, width)} or one that {factor} divides into"
+        )
+    blocks = rearrange(images.float(), "n (h fh) (w fw) -> n h w (fh fw)", fh=factor, fw=factor)
+    return blocks.mean(-1).round().to(torch.uint8)
 
 
 def pad_to(images: Tensor, size: int) -> Tensor:

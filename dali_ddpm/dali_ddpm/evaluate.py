@@ -63,10 +63,19 @@ def evaluate(cfg: EvaluateConfig) -> dict:
 
     for sampler in cfg.samplers:
         n_steps = diffusion.num_timesteps if sampler == "ddpm" else cfg.ddim_steps
-        name = "ddpm" if sampler == "ddpm" else f"ddim{n_steps}"
+        name = "ddpm" if sampler == "ddpm" else f"ddim{n_steps}" + (f"_eta{cfg.ddim_eta:g}" if cfg.ddim_eta else "")
         n = cfg.ddpm_samples if sampler == "ddpm" and cfg.ddpm_samples else cfg.n_samples
         x, _, seconds = draw(
-            model, diffusion, n, sampler=sampler, steps=n_steps, batch_size=cfg.batch_size, seed=cfg.seed, device=device, progress=True
+            model,
+            diffusion,
+            n,
+            sampler=sampler,
+            steps=n_steps,
+            eta=cfg.ddim_eta,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            device=device,
+            progress=True,
         )
         save_grid(x[:64], run_dir / f"eval_samples_{name}{tag}.png")
         result[name] = {

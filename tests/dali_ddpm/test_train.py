@@ -8,7 +8,7 @@ import torch
 from axon_shared import latest_checkpoint, load_checkpoint
 from dali_ddpm.cli import main
 from dali_ddpm.config import DDPMConfig, UNetConfig
-from dali_ddpm.data import load_images, to_model_range
+from dali_ddpm.data import load_images, shrink_to_fit, to_model_range
 from dali_ddpm.diffusion import GaussianDiffusion, beta_schedule
 from dali_ddpm.model import UNet
 
@@ -107,3 +107,32 @@ def test_presets_are_valid():
         cfg = DDPMConfig.from_preset(name)
         assert cfg.model.image_size % 2 ** (len(cfg.model.ch_mult) - 1) == 0
     assert DDPMConfig.from_preset("cifar10").train.ema_decay == 0.9999
+
+
+def test_shrink_to_fit_is_an_average_pool():
+    """A model smaller than the images gets them shrunk by the smallest integer factor that fits (28 -> 14 for a 16x16
+    model), each pixel the rounded mean of its block (torch's avg_pool2d is the reference), then centred on the canvas."""
+    images = torch.randint(0, 256, (5, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    shrunk = shrink_to_fit(images, 16)
+    expected = torch.nn.functional.avg_pool2d(images[:, None].float(), 2)[:, 0].round().to(torch.uint8)
+    torch.testing.assert_close(shrunk, expected, rtol=0, atol=0)
+    assert shrink_to_fit(images, 28) is images  # fits: unchanged
+    assert shrink_to_fit(images, 9).shape == (5, 7, 7)  # 28 / 3 does not fit in 9, 28 / 4 = 7 does
+    with pytest.raises(ValueError, match="needs a factor of 3, which does not divide both sides"):
+        shrink_to_fit(images, 10)
+    canvas, _ = load_images("mnist-5k", "test", 16)
+    raw, _ = load_images("mnist-5k", "test", 28)
+    assert canvas.shape[-2:] == (16, 16) and canvas[..., 0, :].eq(0).all() and canvas[..., :, 15].eq(0).all()
+    torch.testing.assert_close(canvas[:, 0, 1:15, 1:15], shrink_to_fit(raw[:, 0], 16), rtol=0, atol=0)
+
+
+def test_demo_writes_a_report_without_nan(tmp_path):
+    """`dali-ddpm demo` (a 2-second budget and 8 samples standing in for its 3 minutes and 200) writes REPORT.md with
+    every metric filled in and the sample grid it links."""
+    out = tmp_path / "demo" / "dali_ddpm"
+    main(["demo", "--out_dir", str(out), "--max_minutes", "0.03", "--n_samples", "8", "--ddim_steps", "4"])
+    report = (out / "REPORT.md").read_text()
+    assert report.startswith("## Denoising Diffusion Probabilistic Models (dali_ddpm)")
+    assert "nan" not in report.lower()
+    assert "| FID-C, DDIM 4 steps eta 1, 8 samples |" in report
+    assert (out / "samples.png").is_file() and (out / "loss.png").is_file()
