@@ -49,7 +49,7 @@ bench: install
 
 # mutation testing (cosmic-ray) of the modules that implement the papers' equations; hours; resumes; not run by CI
 mutation: data
-	$(PY) tests/mutation.py --out_dir runs/mutation
+	$(PY) tests/mutation.py --out_dir runs/mutation --jobs 2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

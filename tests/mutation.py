@@ -7,10 +7,12 @@ does not alter behaviour (an *equivalent* mutant, e.g. `x * 1` -> `x / 1`). The 
 per module; the target is >= 85%. Survivors are listed with their diffs for a person to judge.
 
     python tests/mutation.py                      # every module below; hours on 2 cores; resumes where it stopped
-    python tests/mutation.py --modules rope layers --out_dir runs/mutation
+    python tests/mutation.py --modules rope layers --out_dir runs/mutation --jobs 2   # two modules at once
+    python tests/mutation.py --summary            # the table so far (pending mutants counted), running nothing
 
 The mutants never touch your checkout: the tracked files (as they are on disk, uncommitted changes included) are
-copied to <out_dir>/tree, and the tests run there with that copy first on PYTHONPATH. Each module's cosmic-ray
+copied to <out_dir>/trees/<module>, one copy per module (cosmic-ray rewrites the module's file in place, and another
+module's tests import it), and the tests run there with that copy first on PYTHONPATH. Each module's cosmic-ray
 session (<out_dir>/<name>.sqlite) resumes; it starts again when the module or its tests change. The results go to
 <out_dir>/MUTATION.md (the table the README quotes) and <out_dir>/<name>_survivors.md.
 """
@@ -25,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +54,8 @@ TARGETS = (
 )
 
 
-def copy_tree(out_dir: Path) -> Path:
-    """The tracked files as they are on disk, copied to <out_dir>/tree (files that no longer exist are removed)."""
-    tree = out_dir / "tree"
+def copy_tree(tree: Path) -> Path:
+    """The tracked files as they are on disk, copied to `tree` (files that no longer exist are removed)."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout.decode().split("\0")
     wanted = {f for f in files if f and (ROOT / f).is_file()}
     if tree.exists():
@@ -92,9 +94,19 @@ def test_command(target: Target) -> str:
     return f"{sys.executable} -m pytest -x -q -p no:cacheprovider {' '.join(target.tests)}"
 
 
-def run_target(target: Target, tree: Path, out_dir: Path, env: dict[str, str]) -> dict:
-    """Baseline (the tests must pass unmutated, and set the timeout), then every mutant of the module; resumable."""
+def run_target(target: Target, out_dir: Path, summary_only: bool = False) -> dict:
+    """Baseline (the tests must pass unmutated, and set the timeout), then every mutant of the module; resumable.
+    summary_only: only read what the session holds so far."""
     session, config, stamp = out_dir / f"{target.name}.sqlite", out_dir / f"{target.name}.toml", out_dir / f"{target.name}.stamp"
+    cosmic_ray = [sys.executable, "-m", "cosmic_ray.cli"]
+    tree = out_dir / "trees" / target.name
+    if summary_only:
+        if not session.exists():
+            return summarise(target, [], out_dir)
+        dump = subprocess.run([*cosmic_ray, "dump", str(session)], cwd=out_dir, check=True, capture_output=True, text=True)
+        return summarise(target, [json.loads(line) for line in dump.stdout.splitlines() if line.strip()], out_dir)
+    copy_tree(tree)
+    env = environment(tree)
     start = time.perf_counter()
     baseline = subprocess.run(test_command(target), shell=True, cwd=tree, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -108,7 +120,6 @@ def run_target(target: Target, tree: Path, out_dir: Path, env: dict[str, str]) -
         f'test-command = "{test_command(target)}"\n\n'
         '[cosmic-ray.distributor]\nname = "local"\n'
     )
-    cosmic_ray = [sys.executable, "-m", "cosmic_ray.cli"]
     if not session.exists() or not stamp.exists() or stamp.read_text() != fingerprint(tree, target):
         session.unlink(missing_ok=True)
         subprocess.run([*cosmic_ray, "init", str(config), str(session)], cwd=tree, env=env, check=True)
@@ -159,12 +170,14 @@ def summarise(target: Target, records: list, out_dir: Path) -> dict:
 
 def write_table(rows: list[dict], out_dir: Path) -> None:
     lines = [
-        f"| module | mutants | killed | survived | score (target >= {TARGET:.0%}) |",
-        "|---|---:|---:|---:|---:|",
+        f"| module | mutants | killed | survived | not run yet | score (target >= {TARGET:.0%}) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         flag = "" if r["score"] >= TARGET else " (below)"
-        lines.append(f"| `{r['module']}` | {r['mutants']} | {r['killed']} | {r['survived']} | {r['score']:.1%}{flag} |")
+        if r["pending"]:
+            flag += " (partial)"
+        lines.append(f"| `{r['module']}` | {r['mutants']} | {r['killed']} | {r['survived']} | {r['pending']} | {r['score']:.1%}{flag} |")
     (out_dir / "MUTATION.md").write_text("\n".join(lines) + "\n")
     (out_dir / "mutation.json").write_text(json.dumps(rows, indent=2))
     print("\n".join(lines))
@@ -174,12 +187,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modules", nargs="+", choices=[t.name for t in TARGETS], default=[t.name for t in TARGETS])
     parser.add_argument("--out_dir", default="runs/mutation")
+    parser.add_argument("--jobs", type=int, default=1, help="modules mutated at once (each runs its tests on one thread)")
+    parser.add_argument("--summary", action="store_true", help="only write the table of what has run so far")
     args = parser.parse_args()
     out_dir = (ROOT / args.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    tree = copy_tree(out_dir)
-    env = environment(tree)
-    rows = [run_target(t, tree, out_dir, env) for t in TARGETS if t.name in args.modules]
+    targets = [t for t in TARGETS if t.name in args.modules]
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # the work is in subprocesses
+        rows = list(pool.map(lambda t: run_target(t, out_dir, args.summary), targets))
     write_table(rows, out_dir)
 
 
