@@ -153,3 +153,74 @@ def test_whiten_and_adaptive_kl():
     assert_close(torch.tensor(ctl.update(6.0, 10)), torch.tensor(0.1 * (1 + 0.2 * 10 / 100)))  # on target: unchanged
     fixed = L.AdaptiveKLController(0.05)
     assert fixed.update(100.0, 10) == 0.05
+
+
+def test_token_logprobs_and_entropy_equal_torch_categorical():
+    """log pi(label) and the entropy at temperatures below, at and above 1 equal torch.distributions.Categorical's;
+    label 0 is a real token (only labels outside [0, V) are clamped)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 7, generator=g) * 2
+    labels = torch.randint(0, 7, (2, 5), generator=g)
+    labels[0, 0], labels[1, 4] = 0, 6
+    for temperature in (0.5, 1.0, 1.7):
+        dist = torch.distributions.Categorical(logits=logits / temperature)
+        assert_close(L.token_logprobs(logits, labels, temperature), dist.log_prob(labels))
+        assert_close(L.token_entropy(logits, temperature), dist.entropy())
+    assert_close(L.token_entropy(logits), torch.distributions.Categorical(logits=logits).entropy())  # default: 1
+
+
+def test_soft_reward_model_loss_is_binary_cross_entropy_on_the_reward_difference():
+    """-[q log s(d) + (1 - q) log s(-d)] with d = r1 - r2 is torch's BCE-with-logits of d against target q; q = 1
+    gives reward_model_loss; q = 1/2 is minimised at d = 0 (gradient 0 there)."""
+    g = torch.Generator().manual_seed(4)
+    r1, r2, q = torch.randn(8, generator=g), torch.randn(8, generator=g), torch.rand(8, generator=g)
+    assert_close(L.soft_reward_model_loss(r1, r2, q), F.binary_cross_entropy_with_logits(r1 - r2, q))
+    assert_close(L.soft_reward_model_loss(r1, r2, torch.ones(8)), L.reward_model_loss(r1, r2))
+    d = torch.zeros(3, requires_grad=True)
+    L.soft_reward_model_loss(d, torch.zeros(3), torch.full((3,), 0.5)).backward()
+    assert float(d.grad.abs().max()) == 0.0
+
+
+def test_gae_defaults_and_padding():
+    """The defaults are InstructGPT's gamma = 1, lambda = 0.95; returns are 0 off the mask (not inf or nan)."""
+    rewards, values = torch.tensor([[0.0, 0.0, 1.0, 0.0]]), torch.tensor([[0.5, 0.4, 0.3, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    adv, ret = L.gae(rewards, values, mask)
+    explicit_adv, explicit_ret = L.gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    assert_close(adv, explicit_adv) and assert_close(ret, explicit_ret)
+    assert_close(adv[0, :3], torch.tensor([0.43675, 0.565, 0.7]))
+    assert torch.equal(ret[0, 3], torch.tensor(0.0)) and torch.equal(adv[0, 3], torch.tensor(0.0))
+
+
+def test_masked_mean_whole_and_per_row_and_whiten_without_shift():
+    values = torch.tensor([[1.0, 2.0, 100.0], [3.0, 5.0, 7.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert_close(L.masked_mean(values, mask), torch.tensor(18.0 / 5))
+    assert_close(L.masked_mean(values, mask, dim=1), torch.tensor([1.5, 5.0]))
+    assert_close(L.masked_mean(values, torch.zeros(2, 3)), torch.tensor(0.0))  # empty mask: 0, not nan
+    # shift_mean=False: divided by the std, the mean put back (trl's `whiten(shift_mean=False)`)
+    g = torch.Generator().manual_seed(5)
+    x, m = torch.randn(3, 4, generator=g) * 2 + 3, (torch.rand(3, 4, generator=g) > 0.2).float()
+    kept = x[m == 1]
+    expected = ((x - kept.mean()) / kept.std() + kept.mean()) * m
+    assert_close(L.masked_whiten(x, m, shift_mean=False), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_ipo_length_normalised_margin_hand_values_with_an_empty_completion():
+    """IPO with lengths divides each log-ratio by its length; an empty completion (length 0) counts as length 1.
+    h = [-2/4 - 0/1, -3/2 + 4/2] = [-0.5, 0.5]; loss = mean (h - 1/(2 * 0.1))^2 = (30.25 + 20.25) / 2."""
+    zero = torch.zeros(2)
+    loss, _, _ = L.dpo_loss(
+        torch.tensor([-2.0, -3.0]), torch.tensor([0.0, -4.0]), zero, zero, beta=0.1, loss_type="ipo",
+        chosen_lengths=torch.tensor([4, 2]), rejected_lengths=torch.tensor([0, 2]),
+    )  # fmt: skip
+    assert_close(loss, torch.tensor(25.25))
+
+
+def test_value_clip_default_and_adaptive_kl_lower_clip():
+    """The value clip defaults to 0.2 (the paper's eps); the adaptive KL error is clipped at -0.2 from below."""
+    args = (torch.tensor([[1.0, 0.0]]), torch.tensor([[0.5, 0.5]]), torch.tensor([[2.0, 0.0]]), torch.tensor([[1, 1]]))
+    assert_close(L.ppo_value_loss(*args)[0], L.ppo_value_loss(*args, 0.2)[0])
+    assert_close(L.ppo_value_loss(*args)[0], torch.tensor(0.5 * (1.69 + 0.09) / 2))
+    ctl = L.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    assert_close(torch.tensor(ctl.update(0.0, 10)), torch.tensor(0.1 * (1 - 0.2 * 10 / 100)))

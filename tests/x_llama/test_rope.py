@@ -15,6 +15,7 @@ from x_llama.rope import (
     permute_for_half,
     permute_for_interleaved,
     rope_cos_sin,
+    rope_frequencies,
 )
 
 
@@ -69,3 +70,13 @@ def test_angles_are_float32_and_start_at_zero():
     assert cos.dtype == torch.float32
     assert torch.equal(cos[0], torch.ones(4)) and torch.equal(sin[0], torch.zeros(4))
     assert_close(cos[1, 1], torch.cos(torch.tensor(10000.0 ** (-2 / 8))))
+
+
+def test_frequencies_are_roformer_eq15_with_llama2_theta_by_default():
+    """theta_i = 10000^(-2i/d) (RoFormer eq. 15; Llama 2's base), computed here in float64; a base off by one
+    (9999 or 10001) moves the last frequency by ~1e-4 relative, far outside the tolerance."""
+    expected = 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    assert_close(rope_frequencies(16).double(), expected, rtol=2e-7, atol=0)
+    assert_close(
+        rope_frequencies(16, 500000.0).double(), 500000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float64) / 16), rtol=2e-7, atol=0
+    )
