@@ -255,8 +255,8 @@ class ExportConfig(AxonConfig):
 @dataclass
 class DemoConfig(AxonConfig):
     """`dali-ddpm demo`: a <= 4 minute train + sample + evaluate writing REPORT.md. Chosen so that the samples are
-    recognisable digits in that time (dali_ddpm/README.md, "The demo"): MNIST shrunk to 14x14 on a 16x16 canvas (a
-    quarter of the 32x32 cost per step, so ~800 steps fit), the paper's T = 1000 linear schedule, and stochastic DDIM
+    recognisable digits in that time (dali_ddpm/README.md, "make demo"): MNIST shrunk to 14x14 on a 16x16 canvas (a
+    quarter of the 32x32 cost per step, so ~900 steps fit), the paper's T = 1000 linear schedule, and stochastic DDIM
     (eta = 1: ancestral sampling on a 50-step sub-sequence), which forgives an undertrained network's errors at high
     noise that deterministic DDIM (eta = 0) turns into noisy images."""
 

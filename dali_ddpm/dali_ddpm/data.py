@@ -38,7 +38,8 @@ def shrink_to_fit(images: Tensor, size: int) -> Tensor:
     if height % factor or width % factor:
         raise ValueError(
             f"images are {height}x{width}: shrinking them into image_size={size} needs a factor of {factor}, which does not "
-            f"divide both sides; choose an image_size of at least {max(height, width)} or one that {factor} divides into"
+            f"divide both sides; use image_size >= {max(height, width)} (no shrinking) or one for which "
+            f"ceil({max(height, width)} / image_size) divides {height} and {width}"
         )
     blocks = rearrange(images.float(), "n (h fh) (w fw) -> n h w (fh fw)", fh=factor, fw=factor)
     return blocks.mean(-1).round().to(torch.uint8)

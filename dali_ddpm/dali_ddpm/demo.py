@@ -21,7 +21,7 @@ def demo(cfg: DemoConfig) -> dict:
         "cpu",
         model=dict(image_size=cfg.image_size),
         data=dict(dataset=cfg.dataset),
-        # a run of ~800 steps: a short warm-up, a higher learning rate than the 30-minute run, and an EMA that follows it
+        # a run of ~900 steps: a short warm-up, a higher learning rate than the 30-minute run, and an EMA that follows it
         train=dict(
             out_dir=str(out / "run"),
             max_minutes=cfg.max_minutes,
@@ -35,7 +35,6 @@ def demo(cfg: DemoConfig) -> dict:
             sample_every=10**9,
             checkpoint_every=10**9,
             sample_n=16,
-            progress=False,
         ),
     )
     trained = train(run_cfg)
