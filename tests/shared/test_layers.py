@@ -34,8 +34,14 @@ def test_sinusoidal_concat_matches_diffusers_ddpm_embedding():
 def test_sinusoidal_rejects_bad_input():
     with pytest.raises(ValueError, match="even"):
         sinusoidal_embedding(torch.arange(3), 7)
-    with pytest.raises(ValueError, match="1-D"):
-        sinusoidal_embedding(torch.zeros(2, 2), 8)
+    with pytest.raises(ValueError, match="positive even"):
+        sinusoidal_embedding(torch.arange(3), -2)
+    for positions in (torch.zeros(2, 2), torch.tensor(3)):  # 2-D and 0-D
+        with pytest.raises(ValueError, match="1-D"):
+            sinusoidal_embedding(positions, 8)
+    for layout in ("alternating", "zigzag"):  # sorting before and after "interleaved"
+        with pytest.raises(ValueError, match="layout must be"):
+            sinusoidal_embedding(torch.arange(3), 8, layout=layout)
 
 
 def explicit_attention(q, k, v, mask):
@@ -71,6 +77,9 @@ def test_attention_with_cache_offsets_causal_mask():
     full = attention(q_all, k, v, is_causal=True)
     last_two = attention(q_all[:, :, -2:], k, v, is_causal=True)  # decoding the last 2 positions with a cache
     assert_close(last_two, full[:, :, -2:], atol=1e-6, rtol=1e-6)
+    # one query against 4 cached keys with 4 heads (as many heads as keys): the query sees every key
+    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8)
+    assert_close(attention(q, k, v, is_causal=True), explicit_attention(q, k, v, torch.ones(1, 4, dtype=torch.bool)), atol=1e-6, rtol=1e-6)
 
 
 def test_attention_matches_torch_multihead_attention():
@@ -101,6 +110,9 @@ def test_attention_rejects_float_masks_and_bad_heads():
         attention(q, torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4))
     with pytest.raises(TypeError, match="boolean"):
         attention(q, q, q, mask=torch.zeros(2, 2))
+    for k in (torch.randn(3, 2, 4), torch.randn(1, 1, 3, 2, 4)):  # keys of 3 and 5 dimensions
+        with pytest.raises(ValueError, match=r"must be \(B, H, T, D\)"):
+            attention(q, k, q)
 
 
 def attention_cases():
