@@ -4,12 +4,15 @@ Mutation testing (cosmic-ray, PyPI): every small change an operator can make to 
 a constant 2 -> 3, a `not` removed, a `break` -> `continue`, ...) is one *mutant*; the module's fast tests run on
 each. A mutant the tests fail on is *killed*; one they pass is a *survivor*: either a test is missing, or the change
 does not alter behaviour (an *equivalent* mutant, e.g. `x * 1` -> `x / 1`). The score is killed / (killed + survived)
-per module; the target is >= 85%. Survivors are listed with their diffs for a person to judge.
+per module; the target is >= 85%. Survivors are listed with their diffs for a person to judge. Mutants of a type
+annotation (`Tensor | None` -> `Tensor - None`) are counted apart and left out of the score: every module here has
+`from __future__ import annotations`, so annotations stay strings and such a mutant is equivalent by construction.
 
     python tests/mutation.py                      # every module below; hours on 2 cores; resumes where it stopped
     python tests/mutation.py --modules rope layers --out_dir runs/mutation --jobs 2   # two modules at once
     python tests/mutation.py --summary            # the table so far (pending mutants counted), running nothing
     python tests/mutation.py --sample 200         # a seeded random sample of 200 mutants per module (minutes)
+    python tests/mutation.py --sample 200 --retest_survivors   # after adding tests: rerun only the survivors
 
 The mutants never touch your checkout: the tracked files (as they are on disk, uncommitted changes included) are
 copied to <out_dir>/trees/<module>, one copy per module (cosmic-ray rewrites the module's file in place, and another
@@ -19,17 +22,22 @@ session (<out_dir>/<name>.sqlite) resumes; it starts again when the module or it
 
 --sample n runs a seeded uniform random sample of n mutants per module (the others are marked skipped in the
 session); the table then gives the sample's score with its 95% Wilson interval, an estimate of the full score.
+--retest_survivors, when only the tests changed (the module and the sample did not), reruns the survivors alone
+instead of starting the session again: valid when tests were added or made stricter, never removed, since a mutant
+the old tests killed is then still killed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import math
 import os
 import random
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -115,7 +123,23 @@ def keep_a_sample(session: Path, sample: int, seed: int = 0) -> None:
                 db.set_result(job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="not in the sample"))
 
 
-def run_target(target: Target, out_dir: Path, summary_only: bool = False, sample: int | None = None) -> dict:
+def forget_survivors(session: Path) -> int:
+    """Delete the survivors' results so that `exec` runs them again; returns how many."""
+    with sqlite3.connect(session) as db:
+        return db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'").rowcount
+
+
+def same_sample(session: Path, sample: int | None) -> bool:
+    """Whether the session runs the mutants `--sample sample` picks (the sample is seeded, so its size decides)."""
+    with sqlite3.connect(session) as db:
+        total = db.execute("SELECT COUNT(*) FROM work_items").fetchone()[0]
+        skipped = db.execute("SELECT COUNT(*) FROM work_results WHERE worker_outcome = 'SKIPPED'").fetchone()[0]
+    return total - skipped == (total if sample is None else min(sample, total))
+
+
+def run_target(
+    target: Target, out_dir: Path, summary_only: bool = False, sample: int | None = None, retest_survivors: bool = False
+) -> dict:
     """Baseline (the tests must pass unmutated, and set the timeout), then every mutant of the module (or a sample of
     them); resumable. summary_only: only read what the session holds so far."""
     session, config, stamp = out_dir / f"{target.name}.sqlite", out_dir / f"{target.name}.toml", out_dir / f"{target.name}.stamp"
@@ -126,6 +150,9 @@ def run_target(target: Target, out_dir: Path, summary_only: bool = False, sample
             return summarise(target, [], out_dir)
         dump = subprocess.run([*cosmic_ray, "dump", str(session)], cwd=out_dir, check=True, capture_output=True, text=True)
         return summarise(target, [json.loads(line) for line in dump.stdout.splitlines() if line.strip()], out_dir)
+    # the module as the session mutates it (the tree's copy is rewritten in place while mutants run)
+    pristine = out_dir / f"{target.name}.module.py"
+    module_before = pristine.read_bytes() if pristine.exists() else None
     copy_tree(tree)
     env = environment(tree)
     start = time.perf_counter()
@@ -141,7 +168,18 @@ def run_target(target: Target, out_dir: Path, summary_only: bool = False, sample
         f'test-command = "{test_command(target)}"\n\n'
         '[cosmic-ray.distributor]\nname = "local"\n'
     )
-    if not session.exists() or not stamp.exists() or stamp.read_text() != fingerprint(tree, target, sample):
+    only_tests_changed = (
+        session.exists()
+        and stamp.exists()
+        and stamp.read_text() != fingerprint(tree, target, sample)
+        and module_before == (tree / target.module).read_bytes()
+        and same_sample(session, sample)
+    )
+    shutil.copy2(tree / target.module, pristine)
+    if retest_survivors and only_tests_changed:
+        print(f"{target.name}: the tests changed, the module did not: {forget_survivors(session)} survivors rerun", flush=True)
+        stamp.write_text(fingerprint(tree, target, sample))
+    elif not session.exists() or not stamp.exists() or stamp.read_text() != fingerprint(tree, target, sample):
         session.unlink(missing_ok=True)
         subprocess.run([*cosmic_ray, "init", str(config), str(session)], cwd=tree, env=env, check=True)
         if sample is not None:
@@ -153,14 +191,40 @@ def run_target(target: Target, out_dir: Path, summary_only: bool = False, sample
     return summarise(target, [json.loads(line) for line in dump.stdout.splitlines() if line.strip()], out_dir)
 
 
+def annotation_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) (line, column) of every type annotation, if the module postpones their evaluation (PEP 563);
+    otherwise none, since a mutated annotation is then evaluated at import and can fail."""
+    tree = ast.parse(source)
+    postponed = any(
+        isinstance(node, ast.ImportFrom) and node.module == "__future__" and any(a.name == "annotations" for a in node.names)
+        for node in tree.body
+    )
+    if not postponed:
+        return []
+    annotations = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg) and node.annotation is not None:
+            annotations.append(node.annotation)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.returns is not None:
+            annotations.append(node.returns)
+        elif isinstance(node, ast.AnnAssign):
+            annotations.append(node.annotation)
+    return [((a.lineno, a.col_offset), (a.end_lineno, a.end_col_offset)) for a in annotations]
+
+
 def summarise(target: Target, records: list, out_dir: Path) -> dict:
     """Counts per outcome, and the survivors written out with their diffs."""
-    killed, survivors, incompetent, pending, skipped = 0, [], 0, 0, 0
+    pristine = out_dir / f"{target.name}.module.py"
+    spans = annotation_spans(pristine.read_text()) if pristine.exists() else []
+    killed, survivors, incompetent, pending, skipped, in_annotations = 0, [], 0, 0, 0, 0
     for item, result in records:
-        if result is None:
-            pending += 1
-        elif result.get("worker_outcome") == "skipped":  # not in the sample
+        (mutation,) = item["mutations"]
+        if result is not None and result.get("worker_outcome") == "skipped":  # not in the sample
             skipped += 1
+        elif any(start <= tuple(mutation["start_pos"]) < end for start, end in spans):
+            in_annotations += 1
+        elif result is None:
+            pending += 1
         elif result.get("test_outcome") == "survived":
             survivors.append((item, result))
         elif result.get("test_outcome") == "incompetent":  # the mutant did not even import: not a test of the tests
@@ -174,6 +238,7 @@ def summarise(target: Target, records: list, out_dir: Path) -> dict:
         "module": target.module,
         "mutants": len(records),
         "sampled": len(records) - skipped,
+        "annotation_only": in_annotations,
         "killed": killed,
         "survived": len(survivors),
         "incompetent": incompetent,
@@ -208,8 +273,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 def write_table(rows: list[dict], out_dir: Path) -> None:
     lines = [
-        f"| module | mutants | run | killed | survived | not run yet | score (target >= {TARGET:.0%}) | 95% interval |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| module | mutants | run | annotation-only | killed | survived | not run yet | score (target >= {TARGET:.0%}) | 95% interval |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         flag = "" if r["score"] >= TARGET else " (below)"
@@ -217,7 +282,7 @@ def write_table(rows: list[dict], out_dir: Path) -> None:
             flag += " (partial)"
         low, high = r["interval"]
         lines.append(
-            f"| `{r['module']}` | {r['mutants']} | {r['sampled']} | {r['killed']} | {r['survived']} | {r['pending']} "
+            f"| `{r['module']}` | {r['mutants']} | {r['sampled']} | {r['annotation_only']} | {r['killed']} | {r['survived']} | {r['pending']} "
             f"| {r['score']:.1%}{flag} | {low:.0%}-{high:.0%} |"
         )
     (out_dir / "MUTATION.md").write_text("\n".join(lines) + "\n")
@@ -232,12 +297,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="modules mutated at once (each runs its tests on one thread)")
     parser.add_argument("--summary", action="store_true", help="only write the table of what has run so far")
     parser.add_argument("--sample", type=int, default=None, help="run a seeded random sample of this many mutants per module")
+    parser.add_argument("--retest_survivors", action="store_true", help="tests were only added: rerun the survivors alone")
     args = parser.parse_args()
     out_dir = (ROOT / args.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = [t for t in TARGETS if t.name in args.modules]
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:  # the work is in subprocesses
-        rows = list(pool.map(lambda t: run_target(t, out_dir, args.summary, args.sample), targets))
+        rows = list(pool.map(lambda t: run_target(t, out_dir, args.summary, args.sample, args.retest_survivors), targets))
     write_table(rows, out_dir)
 
 

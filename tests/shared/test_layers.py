@@ -110,9 +110,10 @@ def test_attention_rejects_float_masks_and_bad_heads():
         attention(q, torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4))
     with pytest.raises(TypeError, match="boolean"):
         attention(q, q, q, mask=torch.zeros(2, 2))
-    for k in (torch.randn(3, 2, 4), torch.randn(1, 1, 3, 2, 4)):  # keys of 3 and 5 dimensions
-        with pytest.raises(ValueError, match=r"must be \(B, H, T, D\)"):
-            attention(q, k, q)
+    for bad in (torch.randn(3, 2, 4), torch.randn(1, 1, 3, 2, 4)):  # 3 and 5 dimensions, as q, as k and as v
+        for args in ((bad, q, q), (q, bad, q), (q, q, bad)):
+            with pytest.raises(ValueError, match=r"must be \(B, H, T, D\)"):
+                attention(*args)
 
 
 def attention_cases():
@@ -147,3 +148,33 @@ def test_attention_by_matmul_is_the_explicit_formula():
     assert_close(attention_by_matmul(q, k, v, is_causal=True), expected, atol=1e-5, rtol=1e-5)
     q, k, v, mask, _ = attention_cases()["padding only"]
     assert_close(attention_by_matmul(q, k, v, mask), explicit_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_sinusoidal_accepts_every_even_dim_and_rejects_every_odd_one():
+    # dims 2 mod 4 (6, 10) are even; 5 and 9 are odd: a parity check by `dim & 2` gets all four wrong
+    for dim in (2, 6, 10):
+        assert sinusoidal_embedding(torch.arange(3), dim).shape == (3, dim)
+    for dim in (1, 5, 9):
+        with pytest.raises(ValueError, match="even"):
+            sinusoidal_embedding(torch.arange(3), dim)
+
+
+@pytest.mark.parametrize("by_matmul", [False, True])
+def test_attention_adds_a_float_bias_to_the_scores(by_matmul):
+    """softmax(q k^T / sqrt(d) + bias) v where the mask allows (ALiBi's and the differential attention's form), through
+    the SDPA path and the compiled path's matmul formula: alone, with a causal flag and with a padding mask."""
+    from axon_shared.layers import attention_by_matmul
+
+    torch.manual_seed(0)
+    B, H, T, D = 2, 4, 5, 8
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    bias = 3 * torch.randn(1, H, T, T)  # large enough that dropping it changes every row
+    padding = padding_mask(torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 0, 0]]), pad_id=0)  # (B, 1, 1, T)
+    function = attention_by_matmul if by_matmul else attention
+    for mask, is_causal in ((None, False), (None, True), (padding, False)):
+        allowed = causal_mask(T) if is_causal else torch.ones(T, T, dtype=torch.bool) if mask is None else padding
+        scores = q @ k.transpose(-1, -2) / math.sqrt(D) + bias
+        expected = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v
+        assert_close(function(q, k, v, mask, is_causal=is_causal, bias=bias), expected, atol=1e-5, rtol=1e-5)
+        without = function(q, k, v, mask, is_causal=is_causal)
+        assert (without - expected).abs().amax() > 0.1
