@@ -70,11 +70,17 @@ def test_left_padded_forward_matches_unpadded_rows(tiny_model):
 def test_eos_truncates_each_row(tiny_model):
     prompts = [[1, 2, 3], [1, 9]]
     free = generate(tiny_model, prompts, 12)
-    eos = free[0][4]  # make row 0 stop at its 5th token
-    stopped = generate(tiny_model, prompts, 12, eos_id=eos)
-    assert stopped[0] == free[0][: free[0].index(eos) + 1]
-    expected_1 = free[1][: free[1].index(eos) + 1] if eos in free[1] else free[1]
-    assert stopped[1] == expected_1
+    # make row 0 stop at its 4th, then its 5th token (first occurrences at an odd and an even index)
+    positions = sorted({free[0].index(free[0][3]), free[0].index(free[0][4])})
+    assert {p % 2 for p in positions} == {0, 1}, f"the tiny model's greedy tokens changed: {free[0]}"
+    for position in positions:
+        eos = free[0][position]
+        stopped = generate(tiny_model, prompts, 12, eos_id=eos)
+        assert stopped[0] == free[0][: position + 1]
+        expected_1 = free[1][: free[1].index(eos) + 1] if eos in free[1] else free[1]
+        assert stopped[1] == expected_1
+        # decoding itself stops once every row has its EOS: the stream of row 0 alone ends there
+        assert list(stream_generate(tiny_model, prompts[0], 12, eos_id=eos)) == free[0][: position + 1]
 
 
 def test_streaming_equals_batch_generation(tiny_model):
@@ -111,6 +117,18 @@ def test_logprobs_are_those_of_the_model(tiny_model):
     assert_close(torch.tensor(out.logprobs[0]), logp, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("temperature", [0.5, 1.7])
+def test_sampled_logprobs_are_those_of_the_tempered_distribution(tiny_model, temperature):
+    """log softmax(logits / T) at the sampled token, for T below and above 1 (without top-k / top-p filtering)."""
+    generator = torch.Generator().manual_seed(3)
+    out = generate(tiny_model, [[1, 2, 3]], 4, temperature=temperature, generator=generator, return_logprobs=True)
+    sequence = torch.tensor([[1, 2, 3] + out.tokens[0]])
+    with torch.no_grad():
+        logits = tiny_model(sequence)[0, 2:-1] / temperature
+    logp = logits.log_softmax(-1).gather(-1, sequence[0, 3:, None]).squeeze(-1)
+    assert_close(torch.tensor(out.logprobs[0]), logp, atol=1e-5, rtol=0)
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------
 
 
@@ -125,7 +143,7 @@ def test_prompt_longer_than_max_seq_len_is_a_clear_error(tiny_model):
     too_long = [1] * (tiny_model.config.max_seq_len + 1)
     with pytest.raises(ValueError, match="more than max_seq_len"):
         generate(tiny_model, [too_long], 1)
-    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+    with pytest.raises(ValueError, match="exceeds max_seq_len=64; lower max_new_tokens to 4 or shorten"):
         generate(tiny_model, [[1] * 60], 10)
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
         tiny_model(torch.ones(1, tiny_model.config.max_seq_len + 1, dtype=torch.long))
