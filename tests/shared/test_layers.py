@@ -34,8 +34,9 @@ def test_sinusoidal_concat_matches_diffusers_ddpm_embedding():
 def test_sinusoidal_rejects_bad_input():
     with pytest.raises(ValueError, match="even"):
         sinusoidal_embedding(torch.arange(3), 7)
-    with pytest.raises(ValueError, match="positive even"):
-        sinusoidal_embedding(torch.arange(3), -2)
+    for dim in (0, -2):
+        with pytest.raises(ValueError, match="positive even"):
+            sinusoidal_embedding(torch.arange(3), dim)
     for positions in (torch.zeros(2, 2), torch.tensor(3)):  # 2-D and 0-D
         with pytest.raises(ValueError, match="1-D"):
             sinusoidal_embedding(positions, 8)
@@ -77,9 +78,11 @@ def test_attention_with_cache_offsets_causal_mask():
     full = attention(q_all, k, v, is_causal=True)
     last_two = attention(q_all[:, :, -2:], k, v, is_causal=True)  # decoding the last 2 positions with a cache
     assert_close(last_two, full[:, :, -2:], atol=1e-6, rtol=1e-6)
-    # one query against 4 cached keys with 4 heads (as many heads as keys): the query sees every key
-    q, k, v = torch.randn(1, 4, 1, 8), torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 8)
-    assert_close(attention(q, k, v, is_causal=True), explicit_attention(q, k, v, torch.ones(1, 4, dtype=torch.bool)), atol=1e-6, rtol=1e-6)
+    # one query against 4 cached keys, with as many heads as keys, then as many batch rows: the query sees every key
+    for q_shape, kv_shape in (((1, 4, 1, 8), (1, 4, 4, 8)), ((4, 2, 1, 8), (4, 2, 4, 8))):
+        q, k, v = torch.randn(q_shape), torch.randn(kv_shape), torch.randn(kv_shape)
+        expected = explicit_attention(q, k, v, torch.ones(1, 4, dtype=torch.bool))
+        assert_close(attention(q, k, v, is_causal=True), expected, atol=1e-6, rtol=1e-6)
 
 
 def test_attention_matches_torch_multihead_attention():
@@ -178,3 +181,10 @@ def test_attention_adds_a_float_bias_to_the_scores(by_matmul):
         assert_close(function(q, k, v, mask, is_causal=is_causal, bias=bias), expected, atol=1e-5, rtol=1e-5)
         without = function(q, k, v, mask, is_causal=is_causal)
         assert (without - expected).abs().amax() > 0.1
+
+
+def test_padding_mask_is_true_exactly_off_the_pad_id():
+    tokens = torch.tensor([[5, 0, 3, 0], [2, 7, 3, 3]])
+    assert padding_mask(tokens, pad_id=0).tolist() == [[[[True, False, True, False]]], [[[True, True, True, True]]]]
+    # a pad id in the middle of the vocabulary: ids below and above it are real tokens
+    assert padding_mask(tokens, pad_id=3).tolist() == [[[[True, True, False, True]]], [[[True, True, False, False]]]]
