@@ -81,9 +81,12 @@ def test_eos_truncates_each_row(tiny_model):
         assert stopped[1] == expected_1
         # decoding itself stops once every row has its EOS: the stream of row 0 alone ends there
         assert list(stream_generate(tiny_model, prompts[0], 12, eos_id=eos)) == free[0][: position + 1]
+    never = next(t for t in range(tiny_model.config.vocab_size) if t not in free[0] + free[1])
+    assert generate(tiny_model, prompts, 12, eos_id=never) == free  # an EOS that never comes cuts nothing
 
 
 def test_streaming_equals_batch_generation(tiny_model):
+    assert list(stream_generate(tiny_model, [1, 5, 6], 8)) == generate(tiny_model, [[1, 5, 6]], 8)[0]  # both greedy by default
     generator = torch.Generator().manual_seed(11)
     streamed = list(stream_generate(tiny_model, [1, 5, 6], 20, temperature=1.0, top_k=10, generator=generator))
     generator = torch.Generator().manual_seed(11)
@@ -99,6 +102,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy(tiny_model):
 
 def test_top_k_and_top_p_restrict_the_support():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert all(sample_next(logits.flip(-1)).tolist() == [3] for _ in range(20))  # temperature 0 (argmax) by default
     generator = torch.Generator().manual_seed(0)
     draws = torch.stack([sample_next(logits, 1.0, top_k=2, generator=generator) for _ in range(300)])
     assert set(draws.flatten().tolist()) == {0, 1}
@@ -151,8 +155,9 @@ def test_prompt_longer_than_max_seq_len_is_a_clear_error(tiny_model):
 
 def test_out_of_vocabulary_ids_are_a_clear_error(tiny_model):
     vocab = tiny_model.config.vocab_size
-    with pytest.raises(ValueError, match=r"outside \[0, vocab_size=97\)"):
-        generate(tiny_model, [[1, vocab]], 3)
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=r"outside \[0, vocab_size=97\)"):
+            generate(tiny_model, [[1, bad]], 3)
     with pytest.raises(ValueError, match="token ids must lie in"):
         tiny_model(torch.tensor([[1, vocab + 5]]))
     with pytest.raises(ValueError, match="padded with -1"):

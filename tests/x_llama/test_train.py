@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -147,8 +148,12 @@ def test_cli_train_generate_evaluate(tmp_path, tokenizer_path, capsys):
         main(["train", "--preset", "tiny", "--data.max_train_chars", "-5"])
     with pytest.raises(SystemExit, match=r"TrainSection\.max_minutes=0\.0: must be > 0 minutes, or null"):
         main(["train", "--preset", "tiny", "--train.max_minutes", "0"])
-    with pytest.raises(SystemExit, match=r"GenerateConfig\.max_new_tokens=500: the prompt has \d+ tokens and the model's context is 128"):
+    with pytest.raises(
+        SystemExit, match=r"GenerateConfig\.max_new_tokens=500: the prompt has \d+ tokens and the model's context is 128"
+    ) as error:
         main(["generate", "--checkpoint", str(out), "--prompt", "In the beginning", "--max_new_tokens", "500"])
+    used, room = map(int, re.search(r"has (\d+) tokens .* to (\d+) or less", str(error.value)).groups())
+    assert used + room == 128  # the room left is the context minus the prompt, and the prompt is not too long
     with pytest.raises(SystemExit, match=r"x-llama generate: error: .*nowhere does not exist; pass a run directory"):
         main(["generate", "--checkpoint", str(out / "nowhere"), "--prompt", "Hi"])
 
