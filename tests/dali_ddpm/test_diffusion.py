@@ -405,3 +405,115 @@ def test_kl_term_is_eq12_weighted_squared_error_and_simple_vlb_adds_it(variance)
     assert_close(loss.double(), (mse + 0.01 * 100 * expected_bits).mean(), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="learned variances"):
         GaussianDiffusion(betas, loss="hybrid")
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_training_loss_targets_x0_and_v_equal_diffusers(prediction):
+    """L_simple with the other two parameterisations: the target is x0 itself, or diffusers' `get_velocity`
+    v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022), at early, middle and late t."""
+    ours, theirs = _pair("fixedlarge", True, prediction)
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.rand(4, 1, 4, 4, generator=g) * 2 - 1
+    noise, output = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 10, 500, 999])
+    target = x0 if prediction == "x0" else theirs.get_velocity(x0, noise, t)
+    loss, terms = ours.training_loss(lambda x_t, s: output, x0, t, noise)
+    assert_close(terms["mse"], ((target - output) ** 2).mean(dim=(1, 2, 3)), atol=1e-5, rtol=1e-5)
+    assert_close(loss, ((target - output) ** 2).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_ddim_timesteps_trailing_equals_diffusers_and_the_step_count_is_checked():
+    """ "trailing" spacing is DDIMScheduler's timestep_spacing="trailing" (it ends at T - 1); n = T steps is every
+    timestep; n = 0 and n > T are refused."""
+    for n in (7, 50, 333):
+        theirs = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
+        theirs.set_timesteps(n)
+        assert ddim_timesteps(T, n, "trailing") == theirs.timesteps.tolist()
+    assert ddim_timesteps(10, 10) == list(range(9, -1, -1)) == ddim_timesteps(10, 10, "trailing")
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match=r"DDIM steps must be in \[1, 10\]"):
+            ddim_timesteps(10, bad)
+    with pytest.raises(ValueError, match="spacing"):
+        ddim_timesteps(10, 5, "linspace")
+
+
+@pytest.mark.parametrize("betas", [[0.1, 1.0], [0.1, 1.5], [0.0, 0.1], [-0.1, 0.1], [[0.1, 0.2]]])
+def test_betas_outside_the_open_unit_interval_are_refused(betas):
+    """beta_t = 1 makes abar_T = 0 (x0 unrecoverable, 1 / abar infinite); beta_t = 0 makes beta~_1 = 0 (log 0)."""
+    with pytest.raises(ValueError, match=r"1-D tensor with values in \(0, 1\)"):
+        GaussianDiffusion(torch.tensor(betas, dtype=torch.float64))
+
+
+def test_bits_per_dim_with_enough_timesteps_is_the_exact_sum():
+    """n_timesteps >= T - (exact_head + 1) leaves nothing to sample: the result is the exact sum, with the same noise
+    draws (a noise-dependent 'network' would see any extra draw from the generator)."""
+    d = GaussianDiffusion(beta_schedule("linear", 50, 1e-4, 0.2), variance="fixedsmall")
+    x0 = torch.randint(0, 256, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0)).float() / 127.5 - 1
+    blind = lambda x_t, t: 0.5 * x_t
+    exact = d.bits_per_dim(blind, x0, exact_head=5, generator=torch.Generator().manual_seed(1))
+    for n in (44, 45, 1000):  # T - head = 50 - 6 = 44
+        got = d.bits_per_dim(blind, x0, n_timesteps=n, exact_head=5, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(got["total"], exact["total"]), n
+    sampled = d.bits_per_dim(blind, x0, n_timesteps=43, exact_head=5, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(sampled["total"], exact["total"])
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 0.5)])
+def test_sample_loops_equal_the_diffusers_scheduler_loops(sampler, eta):
+    """`p_sample_loop` (Algorithm 2) and `ddim_sample_loop` against DDPMScheduler / DDIMScheduler stepped over the
+    same timesteps from the same x_T and the same generator (one draw per noisy step on both sides), with the
+    trajectory: x_t captured every k steps, labelled with the paper's t, then x_0 labelled 0."""
+    steps_total = 100
+    ours = GaussianDiffusion(beta_schedule("linear", steps_total), variance="fixedlarge", clip_denoised=True)
+    fake = lambda x, t: 0.3 * torch.tanh(x) + t.float().view(-1, 1, 1, 1) / steps_total
+    shape, every = (2, 1, 4, 4), 3
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(shape, generator=gen)
+    expected_trajectory = []
+    if sampler == "ddpm":
+        got, trajectory = ours.p_sample_loop(fake, shape, generator=torch.Generator().manual_seed(0), capture_every=every)
+        theirs = DDPMScheduler(num_train_timesteps=steps_total, variance_type="fixed_large", clip_sample=True)
+        for step in range(steps_total - 1, -1, -1):
+            if (step + 1) % every == 0:
+                expected_trajectory.append((step + 1, y))
+            y = theirs.step(fake(y, torch.full((2,), step)), step, y, generator=gen).prev_sample
+    else:
+        got, trajectory = ours.ddim_sample_loop(fake, shape, 10, eta=eta, generator=torch.Generator().manual_seed(0), capture_every=every)
+        theirs = DDIMScheduler(num_train_timesteps=steps_total, clip_sample=True, set_alpha_to_one=True)
+        theirs.set_timesteps(10)
+        assert theirs.timesteps.tolist() == ddim_timesteps(steps_total, 10) == [90, 80, 70, 60, 50, 40, 30, 20, 10, 0]
+        for i, step in enumerate(theirs.timesteps.tolist()):
+            if i % every == 0:
+                expected_trajectory.append((step + 1, y))
+            out = fake(y, torch.full((2,), step))
+            y = theirs.step(out, step, y, eta=eta, use_clipped_model_output=True, generator=gen).prev_sample
+    expected_trajectory.append((0, y))
+    assert_close(got, y, **TOL)
+    assert [t for t, _ in trajectory] == [t for t, _ in expected_trajectory]
+    for (t, x), (_, x_ref) in zip(trajectory, expected_trajectory):
+        assert_close(x, x_ref, **TOL, msg=lambda m, t=t: f"trajectory at t={t}: {m}")
+    assert got.abs().max() > 0.1
+
+
+def test_stratified_bits_per_dim_weights_cover_every_term_once():
+    """A 'network' (x0-prediction x0 - delta_t, fixedsmall) whose every KL term is the same k nats per dimension: then
+    any stratified draw must give exactly (T - 1) k / ln 2 bits, which holds only if the strata's weights sum to the
+    T - 1 - head terms they stand for; and it costs exactly head - 1 + n_timesteps + 1 network calls."""
+    betas = beta_schedule("linear", 50, 1e-4, 0.2)
+    d = GaussianDiffusion(betas, variance="fixedsmall", prediction="x0")
+    abar, abar_prev = _abar(betas)
+    coef1 = abar_prev.sqrt() * betas / (1 - abar)
+    k = 0.01  # nats per dimension per term: KL = coef1^2 delta^2 / (2 beta~) when the variances are equal
+    delta = (2 * k * _posterior_variance(betas)).sqrt() / coef1
+    x0 = torch.randint(0, 256, (2, 1, 4, 4), generator=torch.Generator().manual_seed(0)).float() / 127.5 - 1
+    calls = []
+
+    def model(x_t, t):
+        calls.append(int(t[0]))
+        return x0 - delta[t].float().view(-1, 1, 1, 1)
+
+    for n_timesteps, seed in [(9, 0), (9, 1), (13, 2), (40, 3)]:
+        calls.clear()
+        got = d.bits_per_dim(model, x0, n_timesteps=n_timesteps, exact_head=5, generator=torch.Generator().manual_seed(seed))
+        assert_close(got["kl"], torch.full((2,), 49 * k / LN2, dtype=torch.float64), rtol=1e-4, atol=0)
+        assert len(calls) == 5 + n_timesteps + 1 and calls[:5] == [1, 2, 3, 4, 5] and calls[-1] == 0

@@ -162,7 +162,7 @@ def test_token_logprobs_and_entropy_equal_torch_categorical():
     logits = torch.randn(2, 5, 7, generator=g) * 2
     labels = torch.randint(0, 7, (2, 5), generator=g)
     labels[0, 0], labels[1, 4] = 0, 6
-    for temperature in (0.5, 1.0, 1.7):
+    for temperature in (0.5, 1.0, 1.7, 2.0):
         dist = torch.distributions.Categorical(logits=logits / temperature)
         assert_close(L.token_logprobs(logits, labels, temperature), dist.log_prob(labels))
         assert_close(L.token_entropy(logits, temperature), dist.entropy())
@@ -224,3 +224,31 @@ def test_value_clip_default_and_adaptive_kl_lower_clip():
     assert_close(L.ppo_value_loss(*args)[0], torch.tensor(0.5 * (1.69 + 0.09) / 2))
     ctl = L.AdaptiveKLController(0.1, target=6.0, horizon=100)
     assert_close(torch.tensor(ctl.update(0.0, 10)), torch.tensor(0.1 * (1 - 0.2 * 10 / 100)))
+
+
+def test_ppo_clip_range_defaults_to_the_papers_0_2():
+    """PPO's eps = 0.2 (Schulman et al. 2017, section 6.1) is the default: ratio 1.5 with A > 0 is clipped at 1.2."""
+    logprobs, old = torch.log(torch.tensor([[1.5, 0.5]])), torch.zeros(1, 2)
+    adv, mask = torch.tensor([[1.0, -1.0]]), torch.ones(1, 2)
+    loss, stats = L.ppo_policy_loss(logprobs, old, adv, mask)
+    assert_close(loss, torch.tensor((-1.2 + 0.8) / 2))
+    assert_close(stats["clipfrac"], torch.tensor(1.0))
+
+
+def test_labels_past_the_vocabulary_are_clamped_not_an_index_error():
+    """Padding labels may be any id (-100, or V for a pad token past the vocabulary): they are clamped into [0, V)
+    before the gather, and a masked position contributes nothing whatever its label."""
+    g = torch.Generator().manual_seed(6)
+    logits, labels = torch.randn(2, 4, 5, generator=g), torch.randint(0, 5, (2, 4), generator=g)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]])
+    padded = torch.where(mask == 1, labels, torch.tensor([[5], [-100]]))
+    assert_close(L.sequence_logprobs(logits, padded, mask), L.sequence_logprobs(logits, labels, mask))
+    assert_close(L.token_logprobs(logits, padded)[0, 2:], torch.log_softmax(logits, -1)[0, 2:, 4])  # clamped to V - 1
+
+
+def test_gae_of_one_token_completions():
+    """A completion of one token (T = 1): A = r - V, R = r, for gamma and lambda of any value."""
+    rewards, values = torch.tensor([[0.7], [-0.2]]), torch.tensor([[0.3], [0.5]])
+    adv, ret = L.gae(rewards, values, torch.ones(2, 1), gamma=0.9, lam=0.8)
+    assert_close(adv, torch.tensor([[0.4], [-0.7]]))
+    assert_close(ret, rewards)
