@@ -517,3 +517,26 @@ def test_stratified_bits_per_dim_weights_cover_every_term_once():
         got = d.bits_per_dim(model, x0, n_timesteps=n_timesteps, exact_head=5, generator=torch.Generator().manual_seed(seed))
         assert_close(got["kl"], torch.full((2,), 49 * k / LN2, dtype=torch.float64), rtol=1e-4, atol=0)
         assert len(calls) == 5 + n_timesteps + 1 and calls[:5] == [1, 2, 3, 4, 5] and calls[-1] == 0
+
+
+def test_cosine_schedule_at_an_odd_number_of_steps_equals_diffusers():
+    """T + 1 grid points of the cosine abar, at an odd T too (where T | 1 would equal T)."""
+    for steps in (999, 7):
+        theirs = DDPMScheduler(num_train_timesteps=steps, beta_schedule="squaredcos_cap_v2").betas
+        assert_close(beta_schedule("cosine", steps).float(), theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_ddim_bad_timesteps_and_bad_previous_steps_are_refused():
+    """ddim_sample_loop names the valid range; ddim_step refuses t_prev of another shape, t_prev >= t (equal
+    included: a step must go back in time) and t_prev < -1; eta > 0 without noise is refused."""
+    d = GaussianDiffusion(beta_schedule("linear", 10))
+    model = lambda x, t: torch.zeros_like(x)
+    for bad in ([9, 9, 3], [10, 5, 0], [5, 3, -1]):
+        with pytest.raises(ValueError, match=r"strictly decreasing within \[0, 9\], got"):
+            d.ddim_sample_loop(model, (1, 1, 2, 2), bad)
+    x, t = torch.zeros(2, 1, 2, 2), torch.tensor([5, 5])
+    for t_prev in (torch.tensor([3]), torch.tensor([5, 3]), torch.tensor([6, 3]), torch.tensor([-2, 3])):
+        with pytest.raises(ValueError, match="t_prev must have t's shape, satisfy -1 <= t_prev < t"):
+            d.ddim_step(torch.zeros_like(x), x, t, t_prev, 0.0)
+    with pytest.raises(ValueError, match="needs noise"):
+        d.ddim_step(torch.zeros_like(x), x, t, torch.tensor([3, -1]), 0.5)

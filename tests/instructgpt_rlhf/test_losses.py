@@ -198,6 +198,9 @@ def test_masked_mean_whole_and_per_row_and_whiten_without_shift():
     assert_close(L.masked_mean(values, mask), torch.tensor(18.0 / 5))
     assert_close(L.masked_mean(values, mask, dim=1), torch.tensor([1.5, 5.0]))
     assert_close(L.masked_mean(values, torch.zeros(2, 3)), torch.tensor(0.0))  # empty mask: 0, not nan
+    # per row: a row with one kept value is that value, an empty row is 0
+    one_or_none = torch.tensor([[0, 1, 0], [0, 0, 0]])
+    assert_close(L.masked_mean(values, one_or_none, dim=1), torch.tensor([2.0, 0.0]))
     # shift_mean=False: divided by the std, the mean put back (trl's `whiten(shift_mean=False)`)
     g = torch.Generator().manual_seed(5)
     x, m = torch.randn(3, 4, generator=g) * 2 + 3, (torch.rand(3, 4, generator=g) > 0.2).float()
@@ -252,3 +255,17 @@ def test_gae_of_one_token_completions():
     adv, ret = L.gae(rewards, values, torch.ones(2, 1), gamma=0.9, lam=0.8)
     assert_close(adv, torch.tensor([[0.4], [-0.7]]))
     assert_close(ret, rewards)
+
+
+def test_gae_passes_through_positions_off_the_mask():
+    """Off-mask positions carry the running advantage and value through unchanged: a row with a hole in its mask
+    gets the advantages of the row with the hole cut out (and 0 in the hole)."""
+    g = torch.Generator().manual_seed(8)
+    rewards, values = torch.randn(1, 6, generator=g), torch.randn(1, 6, generator=g)
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0, 0.0]])
+    adv, ret = L.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    kept = mask[0] == 1
+    a_ref, r_ref = _gae_reference(rewards[0, kept].tolist(), values[0, kept].tolist(), 0.9, 0.8)
+    assert_close(adv[0, kept], torch.tensor(a_ref))
+    assert_close(ret[0, kept], torch.tensor(r_ref))
+    assert float(adv[0, ~kept].abs().sum()) == 0.0
