@@ -534,6 +534,8 @@ def test_ddim_bad_timesteps_and_bad_previous_steps_are_refused():
     for bad in ([9, 9, 3], [10, 5, 0], [5, 3, -1]):
         with pytest.raises(ValueError, match=r"strictly decreasing within \[0, 9\], got"):
             d.ddim_sample_loop(model, (1, 1, 2, 2), bad)
+    with pytest.raises(ValueError, match=r"got \[9, 9, 8, 7, 6\]\.\.\.$"):  # the first five steps
+        d.ddim_sample_loop(model, (1, 1, 2, 2), [9, 9, 8, 7, 6, 5, 4])
     x, t = torch.zeros(2, 1, 2, 2), torch.tensor([5, 5])
     for t_prev in (torch.tensor([3]), torch.tensor([5, 3]), torch.tensor([6, 3]), torch.tensor([-2, 3])):
         with pytest.raises(ValueError, match="t_prev must have t's shape, satisfy -1 <= t_prev < t"):
