@@ -430,6 +430,7 @@ def test_ddim_timesteps_trailing_equals_diffusers_and_the_step_count_is_checked(
         theirs.set_timesteps(n)
         assert ddim_timesteps(T, n, "trailing") == theirs.timesteps.tolist()
     assert ddim_timesteps(10, 10) == list(range(9, -1, -1)) == ddim_timesteps(10, 10, "trailing")
+    assert ddim_timesteps(10, 1) == [0] and ddim_timesteps(10, 1, "trailing") == [9]  # one step: x_T straight to x_0
     for bad in (0, 11):
         with pytest.raises(ValueError, match=r"DDIM steps must be in \[1, 10\]"):
             ddim_timesteps(10, bad)
@@ -512,7 +513,7 @@ def test_stratified_bits_per_dim_weights_cover_every_term_once():
         calls.append(int(t[0]))
         return x0 - delta[t].float().view(-1, 1, 1, 1)
 
-    for n_timesteps, seed in [(9, 0), (9, 1), (13, 2), (40, 3)]:
+    for n_timesteps, seed in [(9, 0), (9, 1), (13, 2), (40, 3), (2, 4), (1, 5)]:  # strata narrower and wider than the head
         calls.clear()
         got = d.bits_per_dim(model, x0, n_timesteps=n_timesteps, exact_head=5, generator=torch.Generator().manual_seed(seed))
         assert_close(got["kl"], torch.full((2,), 49 * k / LN2, dtype=torch.float64), rtol=1e-4, atol=0)
