@@ -188,3 +188,12 @@ def test_padding_mask_is_true_exactly_off_the_pad_id():
     assert padding_mask(tokens, pad_id=0).tolist() == [[[[True, False, True, False]]], [[[True, True, True, True]]]]
     # a pad id in the middle of the vocabulary: ids below and above it are real tokens
     assert padding_mask(tokens, pad_id=3).tolist() == [[[[True, True, False, True]]], [[[True, True, False, False]]]]
+
+
+def test_causal_attention_with_more_queries_than_keys_is_refused():
+    """Causal attention aligns the last query with the last key (a cache holds the earlier keys); more queries than
+    keys has no such alignment and is refused, with or without a mask, instead of SDPA's top-left causal mask."""
+    q, k = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 3, 4)
+    for mask in (None, torch.ones(1, 1, 1, 3, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="n_keys >= n_queries"):
+            attention(q, k, k, mask, is_causal=True)
