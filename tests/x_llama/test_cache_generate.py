@@ -174,3 +174,15 @@ def test_bf16_model_keeps_float32_rope_tables(tiny_config):
     with torch.no_grad():
         logits = model(torch.tensor([[1, 2, 3]]))
     assert logits.dtype == torch.bfloat16 and model.rope_cos.dtype == torch.float32
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_decoding_n_tokens_takes_n_forward_passes(tiny_model, use_cache):
+    """One prefill and n - 1 decode steps: the n-th token needs no forward pass after it."""
+    calls = []
+    handle = tiny_model.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        out = generate(tiny_model, [[1, 7, 3], [1, 4]], 6, use_cache=use_cache)
+    finally:
+        handle.remove()
+    assert [len(row) for row in out] == [6, 6] and len(calls) == 6

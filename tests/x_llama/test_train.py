@@ -154,6 +154,15 @@ def test_cli_train_generate_evaluate(tmp_path, tokenizer_path, capsys):
         main(["generate", "--checkpoint", str(out), "--prompt", "In the beginning", "--max_new_tokens", "500"])
     used, room = map(int, re.search(r"has (\d+) tokens .* to (\d+) or less", str(error.value)).groups())
     assert used + room == 128  # the room left is the context minus the prompt, and the prompt is not too long
+    # a prompt that fills the context leaves room 0 and says to shorten it; one token less leaves room 1, no such hint
+    _, tokenizer, _ = load_pretrained(str(out))
+    words = next(n for n in range(1, 400) if len(tokenizer.encode(("the " * n).strip(), bos=True)) >= 127)
+    for extra, room, hint in ((0, 1, False), (1, 0, True)):
+        prompt = ("the " * (words + extra)).strip()
+        assert len(tokenizer.encode(prompt, bos=True)) == 128 - room
+        with pytest.raises(SystemExit, match=rf"has {128 - room} tokens .* to {room} or less") as error:
+            main(["generate", "--checkpoint", str(out), "--prompt", prompt, "--max_new_tokens", "5"])
+        assert ("shorten the prompt" in str(error.value)) == hint
     with pytest.raises(SystemExit, match=r"x-llama generate: error: .*nowhere does not exist; pass a run directory"):
         main(["generate", "--checkpoint", str(out / "nowhere"), "--prompt", "Hi"])
 
