@@ -197,3 +197,9 @@ def test_causal_attention_with_more_queries_than_keys_is_refused():
     for mask in (None, torch.ones(1, 1, 1, 3, dtype=torch.bool)):
         with pytest.raises(ValueError, match="n_keys >= n_queries"):
             attention(q, k, k, mask, is_causal=True)
+
+
+def test_padding_mask_refuses_tokens_that_are_not_batch_by_length():
+    for tokens in (torch.tensor([1, 2, 0]), torch.ones(2, 3, 4, dtype=torch.long)):
+        with pytest.raises(ValueError, match=r"tokens must be \(B, S\)"):
+            padding_mask(tokens, pad_id=0)
