@@ -1,5 +1,7 @@
 """Greedy and beam search: agreement, ordering, early stopping, length limits, length penalty."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -153,3 +155,30 @@ def test_min_len_bans_early_eos(half_trained):
     assert min(len(g) for g in greedy_decode(half_trained, src, max_len=12)) < 5
     assert min(len(g) for g in greedy_decode(half_trained, src, max_len=12, min_len=5)) >= 5
     assert min(len(h[0].tokens) for h in beam_search(half_trained, src, beam_size=3, max_len=12, min_len=5)) >= 5
+
+
+def test_min_len_is_exact_when_eos_is_preferred():
+    """A model that always prefers eos: with min_len = m every output has exactly m tokens (eos is banned at the m
+    first steps and taken at the next), with greedy and with beam search."""
+    model = make_model(0, eos_bias=50.0)
+    src = sources(0)
+    assert greedy_decode(model, src, max_len=12) == [[]] * src.shape[0]
+    for m in (1, 3):
+        assert [len(g) for g in greedy_decode(model, src, max_len=12, min_len=m)] == [m] * src.shape[0]
+        assert [len(h[0].tokens) for h in beam_search(model, src, beam_size=3, max_len=12, min_len=m)] == [m] * src.shape[0]
+
+
+def test_default_limit_is_source_length_plus_50_and_at_least_eos():
+    """The paper's limit (section 6.1, input length + 50, eos included) is the default of both decoders; a limit of
+    0 still leaves room for the eos, so the output is empty."""
+    torch.manual_seed(0)
+    model = Transformer(dataclasses.replace(CFG, max_len=128)).eval()
+    with torch.no_grad():
+        model.embedding.weight[EOS] -= 50.0 * model.embedding.weight.mean(0) / model.embedding.weight.mean(0).pow(2).sum()
+    src = sources(1, b=3)
+    src_len = (src != PAD).sum(1)
+    assert [len(g) for g in greedy_decode(model, src)] == (src_len + 50 - 1).tolist()
+    assert [len(h[0].tokens) for h in beam_search(model, src, beam_size=2)] == (src_len + 50 - 1).tolist()
+    for limit in dict(max_len=1), dict(max_len_a=0.0, max_len_b=0):
+        assert greedy_decode(model, src, **limit) == [[]] * 3
+        assert [h[0].tokens for h in beam_search(model, src, beam_size=2, **limit)] == [[]] * 3
