@@ -94,8 +94,8 @@ def test_greedy_matches_stepwise_argmax_of_full_forward(half_trained):
 
 def test_beam_hypotheses_sorted_and_scored(half_trained):
     src = sources(1)
-    alpha = 0.6
-    results = beam_search(half_trained, src, beam_size=4, alpha=alpha, max_len=12)
+    alpha = 0.6  # the paper's (section 6.1), and the default
+    results = beam_search(half_trained, src, beam_size=4, max_len=12)
     assert len(results) == src.shape[0]
     for row, hyps in zip(src, results):
         assert len(hyps) == 4

@@ -186,3 +186,31 @@ def test_decoding_n_tokens_takes_n_forward_passes(tiny_model, use_cache):
     finally:
         handle.remove()
     assert [len(row) for row in out] == [6, 6] and len(calls) == 6
+
+
+def test_top_p_boundary_and_top_k_past_the_vocabulary():
+    """The nucleus is the smallest set whose mass reaches top_p: with four equally likely tokens and top_p = 0.5
+    it is two tokens (the third's preceding mass, exactly 0.5, already reaches it). top_k at or past the vocabulary
+    size filters nothing."""
+    generator = torch.Generator().manual_seed(0)
+    uniform = torch.zeros(1, 4)
+    draws = {int(sample_next(uniform, 1.0, top_p=0.5, generator=generator)) for _ in range(200)}
+    assert len(draws) == 2
+    for top_k in (4, 9):
+        draws = {int(sample_next(uniform, 1.0, top_k=top_k, generator=generator)) for _ in range(200)}
+        assert draws == {0, 1, 2, 3}
+
+
+def test_token_id_zero_is_a_valid_prompt_token(tiny_model):
+    assert len(generate(tiny_model, [[0, 5, 0]], 3)[0]) == 3
+
+
+def test_stream_generate_uses_the_cache_by_default(tiny_model):
+    """After the prompt, each decode step feeds the model one new token (the cache holds the rest)."""
+    lengths = []
+    handle = tiny_model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    try:
+        list(stream_generate(tiny_model, [1, 7, 3], 4))
+    finally:
+        handle.remove()
+    assert lengths == [3, 1, 1, 1]
