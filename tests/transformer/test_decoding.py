@@ -137,6 +137,18 @@ def test_length_penalty_values():
     assert length_penalty(1, 0.6) == pytest.approx(1.0)
     assert length_penalty(7, 0.6) == pytest.approx(2.0**0.6)
     assert length_penalty(10, 0.0) == 1.0
+    assert length_penalty(3, 0.6) == pytest.approx((8 / 6) ** 0.6)  # not a whole multiple of 6
+    assert_close(length_penalty(torch.tensor([2, 9]), 1.0), torch.tensor([7 / 6, 14 / 6]))
+
+
+def test_greedy_stops_decoding_once_every_sentence_has_its_eos():
+    """A model that always prefers eos: one decode step for the whole batch, then the loop ends."""
+    model = make_model(0, eos_bias=50.0)
+    calls = []
+    step = model.decode_step
+    model.decode_step = lambda *args, **kwargs: calls.append(1) or step(*args, **kwargs)
+    assert greedy_decode(model, sources(0), max_len=12) == [[]] * 8
+    assert len(calls) == 1
 
 
 def test_batched_beam_equals_one_by_one(half_trained):

@@ -149,6 +149,8 @@ def test_prompt_longer_than_max_seq_len_is_a_clear_error(tiny_model):
         generate(tiny_model, [too_long], 1)
     with pytest.raises(ValueError, match="exceeds max_seq_len=64; lower max_new_tokens to 4 or shorten"):
         generate(tiny_model, [[1] * 60], 10)
+    with pytest.raises(ValueError, match="lower max_new_tokens to 44 or shorten"):  # the room is 64 - 20
+        generate(tiny_model, [[1] * 20], 50)
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len"):
         tiny_model(torch.ones(1, tiny_model.config.max_seq_len + 1, dtype=torch.long))
 
@@ -205,12 +207,19 @@ def test_token_id_zero_is_a_valid_prompt_token(tiny_model):
     assert len(generate(tiny_model, [[0, 5, 0]], 3)[0]) == 3
 
 
-def test_stream_generate_uses_the_cache_by_default(tiny_model):
+def test_generate_and_stream_generate_use_the_cache_by_default(tiny_model):
     """After the prompt, each decode step feeds the model one new token (the cache holds the rest)."""
     lengths = []
     handle = tiny_model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
     try:
         list(stream_generate(tiny_model, [1, 7, 3], 4))
+        generate(tiny_model, [[1, 7, 3]], 4)
     finally:
         handle.remove()
-    assert lengths == [3, 1, 1, 1]
+    assert lengths == [3, 1, 1, 1] * 2
+
+
+def test_sampled_tokens_have_one_id_per_row():
+    generator = torch.Generator().manual_seed(0)
+    assert sample_next(torch.zeros(3, 5), 1.0, generator=generator).shape == (3,)
+    assert sample_next(torch.zeros(3, 5)).shape == (3,)
