@@ -194,3 +194,58 @@ def test_default_limit_is_source_length_plus_50_and_at_least_eos():
     for limit in dict(max_len=1), dict(max_len_a=0.0, max_len_b=0):
         assert greedy_decode(model, src, **limit) == [[]] * 3
         assert [h[0].tokens for h in beam_search(model, src, beam_size=2, **limit)] == [[]] * 3
+
+
+def _textbook_beam(model, src_row, k, alpha, limit):
+    """One sentence, hypotheses as Python lists, every prefix scored by a full forward pass: expand every alive
+    hypothesis by every token, keep the 2K best, an eos candidate among the K best finishes (score log p / lp), the
+    K best others stay alive; at the limit only eos may follow. No early stopping."""
+    src_row = src_row[src_row != PAD][None]
+    alive, finished = [([], 0.0)], []
+    for t in range(limit):
+        candidates = []
+        for tokens, logp in alive:
+            with torch.no_grad():
+                step = torch.log_softmax(model(src_row, torch.tensor([[1] + tokens])).double()[0, -1], -1)
+            for token in [EOS] if t + 1 >= limit else range(step.shape[0]):
+                candidates.append((tokens + [token], logp + float(step[token])))
+        candidates = sorted(candidates, key=lambda c: -c[1])[: 2 * k]
+        for rank, (tokens, logp) in enumerate(candidates):
+            if tokens[-1] == EOS and rank < k:
+                finished.append((tokens[:-1], logp / length_penalty(len(tokens), alpha)))
+        finished = sorted(finished, key=lambda f: -f[1])[:k]
+        alive = [c for c in candidates if c[0][-1] != EOS][:k]
+        if not alive:
+            break
+    return finished
+
+
+def test_beam_search_equals_a_textbook_beam_search(half_trained):
+    """The batched search (2K candidates, cached steps, sentences dropped as they finish, early stopping) against
+    the one-sentence loop above, at K = 4 (the default) and K = 2, and on a random model with a raised eos logit
+    (outputs of 1 to 6 tokens)."""
+    src = sources(6, b=6)
+    for model, k in ((half_trained, 4), (half_trained, 2), (make_model(1, eos_bias=1.0), 4)):
+        results = beam_search(model, src, max_len=8) if k == 4 else beam_search(model, src, beam_size=k, max_len=8)
+        for row, hyps in zip(src, results):
+            expected = _textbook_beam(model, row, k, 0.6, 8)
+            assert [h.tokens for h in hyps] == [tokens for tokens, _ in expected]
+            assert_close(
+                torch.tensor([h.score for h in hyps]), torch.tensor([s for _, s in expected], dtype=torch.float32), atol=1e-4, rtol=0
+            )
+
+
+def test_early_stopping_saves_decode_steps(half_trained):
+    """Early stopping ends the loop before the length limit once no alive hypothesis can beat the finished ones."""
+    src = sources(2, b=8)
+    counts = {}
+    step = half_trained.decode_step
+    for early in (True, False):
+        calls = []
+        half_trained.decode_step = lambda *args, calls=calls, **kwargs: calls.append(1) or step(*args, **kwargs)
+        try:
+            beam_search(half_trained, src, beam_size=4, max_len=30, early_stopping=early)
+        finally:
+            del half_trained.decode_step
+        counts[early] = len(calls)
+    assert counts[True] < counts[False] <= 30
