@@ -543,3 +543,15 @@ def test_ddim_bad_timesteps_and_bad_previous_steps_are_refused():
             d.ddim_step(torch.zeros_like(x), x, t, t_prev, 0.0)
     with pytest.raises(ValueError, match="needs noise"):
         d.ddim_step(torch.zeros_like(x), x, t, torch.tensor([3, -1]), 0.5)
+
+
+def test_mismatched_shapes_are_refused():
+    """x0, x_t and the noise must share one shape (a broadcast would silently mix pixels of different images)."""
+    d = GaussianDiffusion(beta_schedule("linear", 10))
+    t = torch.tensor([3, 4])
+    with pytest.raises(AssertionError):
+        d.q_posterior(torch.zeros(2, 1, 4, 5), torch.zeros(2, 1, 4, 4), t)
+    with pytest.raises(AssertionError):
+        d.q_sample(torch.zeros(2, 1, 4, 4), t, torch.zeros(2, 1, 4, 5))
+    with pytest.raises(ValueError, match="must have the shape of x_t"):
+        d.p_mean_variance(torch.zeros(2, 1, 4, 5), torch.zeros(2, 1, 4, 4), t)
