@@ -128,10 +128,18 @@ def keep_a_sample(session: Path, sample: int, seed: int = 0) -> None:
                 db.set_result(job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output="not in the sample"))
 
 
-def forget_survivors(session: Path) -> int:
-    """Delete the survivors' results so that `exec` runs them again; returns how many."""
+def forget_survivors(session: Path, module_source: str) -> int:
+    """Delete the survivors' results so that `exec` runs them again, except the annotation-only ones (no test can
+    kill those); returns how many will run."""
+    spans = annotation_spans(module_source)
     with sqlite3.connect(session) as db:
-        return db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'").rowcount
+        rows = db.execute(
+            "SELECT r.job_id, m.start_pos_row, m.start_pos_col FROM work_results r JOIN mutation_specs m ON r.job_id = m.job_id "
+            "WHERE r.test_outcome = 'SURVIVED'"
+        ).fetchall()
+        rerun = [(job_id,) for job_id, row, col in rows if not any(start <= (row, col) < end for start, end in spans)]
+        db.executemany("DELETE FROM work_results WHERE job_id = ?", rerun)
+    return len(rerun)
 
 
 def same_sample(session: Path, sample: int | None) -> bool:
@@ -182,7 +190,10 @@ def run_target(
     )
     shutil.copy2(tree / target.module, pristine)
     if retest_survivors and only_tests_changed:
-        print(f"{target.name}: the tests changed, the module did not: {forget_survivors(session)} survivors rerun", flush=True)
+        print(
+            f"{target.name}: the tests changed, the module did not: {forget_survivors(session, (tree / target.module).read_text())} survivors rerun",
+            flush=True,
+        )
         stamp.write_text(fingerprint(tree, target, sample))
     elif not session.exists() or not stamp.exists() or stamp.read_text() != fingerprint(tree, target, sample):
         session.unlink(missing_ok=True)
