@@ -223,7 +223,7 @@ def _textbook_beam(model, src_row, k, alpha, limit):
 def test_beam_search_equals_a_textbook_beam_search(half_trained):
     """The batched search (2K candidates, cached steps, sentences dropped as they finish, early stopping) against
     the one-sentence loop above, at K = 4 (the default) and K = 2, and on a random model with a raised eos logit
-    (outputs of 1 to 6 tokens)."""
+    (so that hypotheses finish at different lengths)."""
     src = sources(6, b=6)
     for model, k in ((half_trained, 4), (half_trained, 2), (make_model(1, eos_bias=1.0), 4)):
         results = beam_search(model, src, max_len=8) if k == 4 else beam_search(model, src, beam_size=k, max_len=8)
