@@ -393,6 +393,9 @@ class Trainer:
         last.update(step=done, minutes=round(elapsed() / 60, 2), stopped=stop_reason)
         if ctx.is_main:
             self._plot(plots)
+        # every rank leaves together: under torchrun a rank that exits first (143 after a signal) makes the agent
+        # kill the others, which would cut the main rank's plots short
+        barrier(ctx)
         if stop_reason == "interrupted":
             received = signals.received or signal.SIGTERM
             raise Interrupted(
