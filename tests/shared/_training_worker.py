@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -46,6 +47,10 @@ def toy(out: Path, signal_at: int | None) -> None:
         stopped_at, code = stop.step, stop.exit_code
         print(stop, file=sys.stderr)
     (out / f"rank{rank}.json").write_text(json.dumps({"stopped_at": stopped_at}))
+    # a rank that exits non-zero makes torchrun kill the others: wait (at most 60 s) until both ranks have written
+    deadline = time.monotonic() + 60
+    while not all((out / f"rank{r}.json").exists() for r in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.05)
     sys.exit(code)
 
 
