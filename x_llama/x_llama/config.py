@@ -447,11 +447,13 @@ class GenerateConfig(AxonConfig):
     top_p: float | None = 0.95
     seed: int = 0
     use_cache: bool = True
+    compile: bool = False  # each decoding step as one compiled graph (Llama.decode_step): ~2x tokens/s after ~15 s compiling
 
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"sample": {}, "greedy": dict(temperature=0.0, top_k=None, top_p=None)}
 
     def validate(self) -> None:
         require_positive(self, "max_new_tokens")
+        require(self.use_cache or not self.compile, self, "compile", "decodes with the KV cache: set use_cache true, or compile false")
         require(self.temperature >= 0, self, "temperature", "must be >= 0 (0 = greedy)")
         if self.top_k is not None:
             require(self.top_k > 0, self, "top_k", "must be > 0 (or null)")

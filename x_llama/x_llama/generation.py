@@ -96,9 +96,13 @@ def _decode(
     eos_id: int | None,
     use_cache: bool,
     generator: torch.Generator | None,
+    compile: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (next tokens (B,), their log-probs (B,)) step by step until max_new_tokens or every row hit EOS."""
+    """Yield (next tokens (B,), their log-probs (B,)) step by step until max_new_tokens or every row hit EOS.
+    compile=True decodes with `Llama.decode_step`'s compiled graph (needs the cache)."""
     check_prompts(model, prompts, max_new_tokens)
+    if compile and not use_cache:
+        raise ValueError("compile=True decodes with the KV cache; set use_cache=True")
     device = model.tok_embeddings.weight.device
     tokens, mask = left_pad(prompts, device=device)
     batch = tokens.shape[0]
@@ -107,7 +111,10 @@ def _decode(
     model.eval()
     try:
         if use_cache:
-            cache = model.new_cache(batch, tokens.shape[1] + max_new_tokens)
+            length = tokens.shape[1] + max_new_tokens
+            if compile:  # the compiled graph is specialised to the cache length: round it up, to compile for few lengths
+                length = min(-(-length // 64) * 64, model.config.max_seq_len)
+            cache = model.new_cache(batch, length)
             logits = model(tokens, cache=cache, attention_mask=mask, last_only=True)[:, -1]
         else:
             logits = model(tokens, attention_mask=mask, last_only=True)[:, -1]
@@ -122,7 +129,9 @@ def _decode(
                     return
             if step == max_new_tokens - 1:
                 return
-            if use_cache:
+            if compile:
+                logits = model.decode_step(next_token[:, None], cache, compile=True)
+            elif use_cache:
                 logits = model(next_token[:, None], cache=cache)[:, -1]
             else:
                 tokens = torch.cat((tokens, next_token[:, None]), 1)
@@ -143,10 +152,12 @@ def generate(
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     return_logprobs: bool = False,
+    compile: bool = False,
 ) -> list[list[int]] | Generation:
-    """New tokens for each prompt (a batch, left-padded internally), each row cut after its first EOS (kept)."""
+    """New tokens for each prompt (a batch, left-padded internally), each row cut after its first EOS (kept).
+    compile=True runs each decoding step as one compiled graph (`Llama.decode_step`; the first call compiles)."""
     steps_tokens, steps_logprobs = [], []
-    for next_token, logprob in _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator):
+    for next_token, logprob in _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, compile):
         steps_tokens.append(next_token)
         steps_logprobs.append(logprob)
     all_tokens = torch.stack(steps_tokens, 1).tolist()  # (B, steps)
@@ -171,9 +182,10 @@ def stream_generate(
     eos_id: int | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    compile: bool = False,
 ) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are decoded (the EOS, if reached, is yielded last)."""
-    for next_token, _ in _decode(model, [prompt], max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator):
+    for next_token, _ in _decode(model, [prompt], max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, compile):
         yield int(next_token[0])
 
 
@@ -212,6 +224,7 @@ def generate_command(cfg) -> str:
         eos_id=tokenizer.eos_id,
         use_cache=cfg.use_cache,
         generator=generator,
+        compile=cfg.compile,
     ):
         new.append(token)
         text = tokenizer.decode(ids + new)  # decode prompt + continuation: pieces join with the right spaces

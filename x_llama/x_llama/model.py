@@ -15,6 +15,7 @@ the RoPE layout is Meta's interleaved one, so a Meta checkpoint loads without co
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -100,6 +101,23 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class _SlotWrite:
+    """What `Llama.decode_step` hands the layers as their cache: `update` writes the one new key/value at slot
+    `slot` (a (1,) tensor, so the step's graph does not change with the position) and returns all max_len slots;
+    the unfilled ones are masked by the step's attention mask."""
+
+    def __init__(self, cache: KVCache, slot: Tensor):
+        self.k, self.v, self.slot = cache.k, cache.v, slot
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # one index_put_ on the whole cache (not on the view k[layer], which a compiled graph would turn into a copy
+        # of the whole cache per layer): k[layer, :, :, slot] = k, with the indexed axes first
+        at = (torch.tensor([layer], device=k.device), slice(None), slice(None), self.slot)
+        self.k[at] = rearrange(k, "b h 1 d -> 1 b h d")
+        self.v[at] = rearrange(v, "b h 1 d -> 1 b h d")
+        return self.k[layer], self.v[layer]  # (B, H_kv, max_len, d)
 
 
 @dataclass
@@ -345,6 +363,58 @@ class Llama(nn.Module):
             cache.next_position = positions[:, -1] + 1 if positions is not None else cache.next_position + length
         return self.norm(x)
 
+    # ---- one decoding step as a single graph ------------------------------------------------------------------
+    def decode_step(self, tokens: Tensor, cache: KVCache, *, compile: bool = False) -> Tensor:
+        """Logits (B, V) for one new token per row (tokens (B, 1)), appended to the cache: the same numbers as
+        `forward(tokens, cache=cache)[:, -1]`, computed by the same layers, with shapes that do not change from step
+        to step. With compile=True the step runs as one graph compiled by `torch.compile(fullgraph=True)` (the first
+        call per batch size and cache length compiles, ~10-20 s on 2 CPU threads), which removes the per-operation
+        Python and dispatch time that dominates a small model's decoding (README "Benchmark").
+
+        Fixed shapes: the new key/value is written at slot `cache.length` given as a tensor, attention reads every
+        one of the cache's max_len slots with the unfilled (and left-padding) slots masked, and RoPE reads each row's
+        `next_position`. The checks (ids, length, positions) run here, outside the graph."""
+        config = self.config
+        unsupported = {
+            name: value
+            for name, value, default in [
+                ("position", config.position, "rope"),
+                ("attention", config.attention, "softmax"),
+                ("ffn", config.ffn, "swiglu"),
+                ("router", config.router, "none"),
+                ("residual", config.residual, "standard"),
+            ]
+            if value != default and not (name == "position" and value == "nope")
+        }
+        if unsupported:
+            raise ValueError(
+                f"decode_step runs the standard Llama block (with RoPE or NoPE); this model has {unsupported}: "
+                "decode it with forward(tokens, cache=cache) (generate(..., compile=False))"
+            )
+        if tokens.ndim != 2 or tokens.shape[1] != 1:
+            raise ValueError(f"decode_step takes one new token per row, (batch, 1); got shape {tuple(tokens.shape)}")
+        self.check_tokens(tokens, cache)
+        positions = cache.next_position[:, None]  # (B, 1)
+        cos, sin = self._rope(positions, 1) if config.position == "rope" else (None, None)  # (B, 1, 1, d) each
+        slot = torch.tensor([cache.length], device=tokens.device)
+        cache.key_mask[:, cache.length] = True
+        step = _compiled_step_graph() if compile else Llama._step_graph
+        logits = step(self, tokens, cache, slot, cos, sin)
+        cache.length += 1
+        cache.next_position += 1
+        return logits
+
+    def _step_graph(self, tokens: Tensor, cache: KVCache, slot: Tensor, cos: Tensor | None, sin: Tensor | None) -> Tensor:
+        """decode_step's tensor work: no Python decision depends on a tensor's values."""
+        filled = torch.arange(cache.max_len, device=tokens.device) <= slot  # (S,): slots [0, length] hold keys
+        mask = (cache.key_mask & filled)[:, None, None, :]  # (B, 1, 1, S)
+        inputs = AttentionInputs(cos, sin, mask, is_causal=False)
+        x = self.tok_embeddings(tokens)  # (B, 1, dim)
+        writer = _SlotWrite(cache, slot)
+        for layer in self.layers:
+            x = layer(x, inputs, writer)
+        return self.output(self.norm(x))[:, -1]  # (B, V)
+
     # ---- helpers ----------------------------------------------------------------------------------------------
     def check_tokens(self, tokens: Tensor, cache: KVCache | None = None) -> None:
         """Clear errors for inputs the model cannot take (instead of an index error deep inside)."""
@@ -408,6 +478,19 @@ class Llama(nn.Module):
         if positions.device.type != "meta" and not torch.compiler.is_compiling() and int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(f"position {int(positions.max())} exceeds max_seq_len={self.config.max_seq_len} (RoPE table size)")
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
+
+
+@functools.cache
+def _compiled_step_graph():
+    """`Llama._step_graph` compiled once per process (inductor recompiles it for each new model shape, batch size
+    and cache length; models of one shape share it: their weights are inputs of the graph, not constants, so a
+    policy being trained, as in PPO, decodes with its current weights).
+
+    inductor's `decompose_mm_pass` turns each (1, K) x (K, N) product of batch-1 decoding into a multiply and a sum
+    that its own kernel spreads over the threads; the matrix library runs such a product on one thread, and at batch 1
+    a decoding step is the time to read the weights (measured on 2 threads, `cpu` preset: 1.4 ms against 2.4 ms)."""
+    options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+    return torch.compile(Llama._step_graph, fullgraph=True, dynamic=False, options=options)
 
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
