@@ -1,9 +1,10 @@
 """x_llama against llama.cpp on the same trained model: `x-llama export --format gguf` in f32, f16 and q8_0, read by
 llama.cpp through llama-cpp-python, in one process (each side timed on its own: see `main`).
 
-Prints cached greedy decoding speed at batch 1 (ours in float32 eager, as `x-llama generate` runs, and llama.cpp in
-each type: tokens per second and llama.cpp / ours) and the validation perplexity of each export against ours on the
-same windows (what quantisation costs).
+Prints cached greedy decoding speed at batch 1: ours in float32 eager (as `x-llama generate` runs by default), with
+each step one compiled graph (`--compile true`) in float32 and in bfloat16, and llama.cpp in each type (tokens per
+second and llama.cpp / ours); and the validation perplexity of each export against ours on the same windows (what
+quantisation costs).
 
     python benchmarks/llama_cpp_bench.py --run runs/x_llama/cpu     # ~3 minutes on 2 threads
 """
@@ -11,6 +12,7 @@ same windows (what quantisation costs).
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import tempfile
 from pathlib import Path
@@ -56,13 +58,17 @@ def main() -> None:
     with torch.no_grad():
         ours_ppl = perplexity(lambda ids: model(torch.tensor([ids]))[0])
 
-    def ours_decode():
+    model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
+
+    def ours_decode(compile: bool = False, model=model):
         with torch.inference_mode():
-            generate(model, [prompt], new, temperature=0.0)
+            generate(model, [prompt], new, temperature=0.0, compile=compile)
 
     # timed apart, not interleaved: llama.cpp's worker threads keep spinning for a while after each call and slowed
-    # our next call by up to 5x when the two alternated
-    (ours_s,) = interleaved([ours_decode], args.repeats)
+    # our next call by up to 5x when the two alternated (the warm-up calls compile the step)
+    ours_s, compiled_s, bf16_s = interleaved(
+        [ours_decode, lambda: ours_decode(compile=True), lambda: ours_decode(compile=True, model=model_bf16)], args.repeats
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in ("f32", "f16", "q8_0"):
@@ -81,15 +87,20 @@ def main() -> None:
 
             ppl = perplexity(logits_of)
             (cpp_s,) = interleaved([cpp_decode], args.repeats)
-            rows.append((dtype, file.stat().st_size / 2**20, ppl, new / ours_s, new / cpp_s))
+            rows.append((dtype, file.stat().st_size / 2**20, ppl, new / cpp_s))
             llm.close()
 
     print(f"{args.run}: {model.num_parameters() / 1e6:.2f}M parameters, batch 1, {new} greedy tokens, {args.threads} threads")
     print(f"ours (float32 eager): valid perplexity {ours_ppl:.3f} on {args.windows} windows of {data.seq_len} tokens")
-    print("| llama.cpp type | file MiB | valid ppl | ppl / ours | ours tok/s | llama.cpp tok/s | llama.cpp / ours |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for dtype, mib, ppl, ours_tps, cpp_tps in rows:
-        print(f"| {dtype} | {mib:.1f} | {ppl:.3f} | {ppl / ours_ppl:.4f} | {ours_tps:.0f} | {cpp_tps:.0f} | {cpp_tps / ours_tps:.2f}x |")
+    eager, compiled, bf16 = new / ours_s, new / compiled_s, new / bf16_s
+    print(f"ours, tokens/s: fp32 eager {eager:.0f}, fp32 compiled {compiled:.0f} ({compiled / eager:.2f}x), bf16 compiled {bf16:.0f}")
+    print(
+        "| llama.cpp type | file MiB | valid ppl | ppl / ours | llama.cpp tok/s | / ours fp32 eager | / ours fp32 compiled | / ours bf16 compiled |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for dtype, mib, ppl, cpp_tps in rows:
+        ratios = " | ".join(f"{cpp_tps / ours:.2f}x" for ours in (eager, compiled, bf16))
+        print(f"| {dtype} | {mib:.1f} | {ppl:.3f} | {ppl / ours_ppl:.4f} | {cpp_tps:.0f} | {ratios} |")
 
 
 if __name__ == "__main__":
