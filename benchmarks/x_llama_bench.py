@@ -4,13 +4,16 @@ Training step (forward + backward + AdamW) in three precision modes, each side i
 bf16 autocast eager, bf16 autocast + torch.compile (ours fullgraph, the model and the loss in one graph, as
 `train.compile` does; theirs the same loss function compiled). MFU against the fp32 and the bf16 matmul peaks
 measured in this run. Then prefill latency, cached greedy decode at batch 1 and 8 (theirs with its own dynamic
-and static KV caches), our cache against re-running the prefix, GQA/MHA/MQA cache memory and decode speed.
+and static KV caches; then ours with the compiled step, `generate(compile=True)`, against their static cache
+compiled with the same inductor options), our cache against re-running the prefix, GQA/MHA/MQA cache memory and
+decode speed.
 `--scaling`: training tokens/s and MFU at 1x, 4x and 16x the `cpu` preset's parameters, decode ms/token at
 context 128, 512 and 2048, peak memory against batch size; a table and a plot.
 
     python benchmarks/x_llama_bench.py            # ~6 minutes on 2 threads
     python benchmarks/x_llama_bench.py --quick    # smoke run
     python benchmarks/x_llama_bench.py --scaling  # how cost grows (~8 minutes)
+    python benchmarks/x_llama_bench.py --decode   # only the decode table, eager and compiled (~3 minutes)
     python benchmarks/x_llama_bench.py --compare runs/x_llama/mha runs/x_llama/gqa   # trained runs side by side
 """
 
@@ -28,10 +31,12 @@ from pathlib import Path
 
 import torch
 import transformers
+from transformers import CompileConfig
 
 from common import MODES, interleaved, peaks, precision
 from x_llama import Llama, LlamaConfig, generate, lm_loss
 from x_llama.hf import to_hf
+from x_llama.model import DECODE_COMPILE_OPTIONS
 from x_llama.train import training_flops_per_token
 
 warnings.filterwarnings("ignore")
@@ -101,26 +106,40 @@ def training_rows(config: LlamaConfig, batch: int, seq: int, repeats: int, peaks
     return rows
 
 
-def hf_decode(model, prompts: torch.Tensor, new: int, cache_implementation: str | None):
+def hf_decode(model, prompts: torch.Tensor, new: int, cache_implementation: str | None, compile: bool = False):
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     if cache_implementation:
         kwargs["cache_implementation"] = cache_implementation
+    if compile:  # generate compiles the decoding forward with a static cache; on CPU only when told to
+        config = CompileConfig(fullgraph=True, dynamic=False, mode=None, options=DECODE_COMPILE_OPTIONS)
+        config._compile_all_devices = True
+        kwargs["compile_config"] = config
     return lambda: model.generate(prompts, attention_mask=torch.ones_like(prompts), **kwargs)
 
 
 def decode_rows(ours: Llama, theirs, tokens: torch.Tensor, new: int, batches: tuple[int, ...], repeats: int) -> list[dict]:
-    """Cached greedy decode tokens/s after a 64-token prompt: ours against transformers' dynamic and static caches."""
+    """Cached greedy decode tokens/s after a 64-token prompt: ours eager and compiled (`generate(compile=True)`)
+    against transformers' dynamic and static caches, and its static cache compiled with the same inductor options."""
     rows = []
     for batch in batches:
         prompts = tokens[:batch, :64]
         fns = [
             lambda prompts=prompts: generate(ours, prompts.tolist(), new),
+            lambda prompts=prompts: generate(ours, prompts.tolist(), new, compile=True),
             hf_decode(theirs, prompts, new, None),
             hf_decode(theirs, prompts, new, "static"),
+            hf_decode(theirs, prompts, new, "static", compile=True),
         ]
         seconds = interleaved(fns, repeats, warmup=1)
         speed = [batch * new / s for s in seconds]
-        rows.append({"batch": batch, "ours": speed[0], "dynamic": speed[1], "static": speed[2], "ratio": min(seconds[1:]) / seconds[0]})
+        rows.append(
+            {
+                "batch": batch,
+                **dict(zip(["ours", "ours_compiled", "dynamic", "static", "static_compiled"], speed)),
+                "ratio": min(seconds[2:4]) / seconds[0],
+                "ratio_compiled": seconds[4] / seconds[1],
+            }
+        )
     return rows
 
 
@@ -236,12 +255,33 @@ def scaling(quick: bool, peaks: dict, out_dir: Path) -> None:
     print(f"\nwrote {out_dir / 'x_llama_scaling.png'} and .json")
 
 
+def decode_tokens(config: LlamaConfig) -> torch.Tensor:
+    return torch.randint(3, config.vocab_size, (8, 257), generator=torch.Generator().manual_seed(0))
+
+
+def decode_table(ours: Llama, theirs, tokens: torch.Tensor, quick: bool, repeats: int) -> None:
+    new = 32 if quick else 128
+    print(
+        f"\ncached greedy decode, fp32, {new} new tokens after 64 (tokens/s); eager: ours / transformers' faster cache, "
+        "compiled: ours / transformers' static cache compiled"
+    )
+    print(
+        f"{'batch':<7}{'x_llama':>10}{'HF dynamic':>12}{'HF static':>11}{'ratio':>8}{'x_llama comp.':>15}{'HF static comp.':>17}{'ratio':>8}"
+    )
+    for row in decode_rows(ours, theirs, tokens, new, (1, 8), max(1, repeats - 2)):
+        print(
+            f"{row['batch']:<7}{row['ours']:>10,.0f}{row['dynamic']:>12,.0f}{row['static']:>11,.0f}{row['ratio']:>7.2f}x"
+            f"{row['ours_compiled']:>15,.0f}{row['static_compiled']:>17,.0f}{row['ratio_compiled']:>7.2f}x"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (smoke run)")
     parser.add_argument("--scaling", action="store_true", help="how cost grows with parameters, context and batch")
     parser.add_argument("--out_dir", default="runs/benchmarks", help="where --scaling writes its plot and table")
     parser.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="compare trained run directories instead")
+    parser.add_argument("--decode", action="store_true", help="only the cached-decode table (eager and compiled)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("AXON_THREADS", torch.get_num_threads())))
     if args.compare:
@@ -264,6 +304,12 @@ def main() -> None:
         scaling(quick, machine, Path(args.out_dir))
         return
 
+    if args.decode:
+        torch.manual_seed(0)
+        ours = Llama(config).eval()
+        decode_table(ours, to_hf(ours, attn_implementation="sdpa").eval(), decode_tokens(config), quick, repeats)
+        return
+
     batch, seq = (4, 128) if quick else (8, 256)
     print(f"\ntraining step, batch {batch} x {seq} tokens (tokens/s; ratio = ours / theirs, > 1: x_llama faster)")
     print(f"{'mode':<15}{'x_llama':>10}{'transformers':>14}{'ratio':>8}{'MFU fp32':>10}{'MFU bf16':>10}{'theirs MFU bf16':>17}")
@@ -276,7 +322,7 @@ def main() -> None:
     torch.manual_seed(0)
     ours = Llama(config).eval()
     theirs = to_hf(ours, attn_implementation="sdpa").eval()
-    tokens = torch.randint(3, config.vocab_size, (8, 257), generator=torch.Generator().manual_seed(0))
+    tokens = decode_tokens(config)
     prompt_len = 64 if quick else 256
     prompt = tokens[:1, :prompt_len]
     with torch.no_grad():
@@ -291,11 +337,7 @@ def main() -> None:
         f"\nprefill of {prompt_len} tokens, fp32: x_llama {1e3 * ours_prefill:.1f} ms, transformers {1e3 * theirs_prefill:.1f} ms -> {theirs_prefill / ours_prefill:.2f}x"
     )
 
-    new = 32 if quick else 128
-    print(f"\ncached greedy decode, fp32, {new} new tokens after 64 (tokens/s; ratio against transformers' faster cache)")
-    print(f"{'batch':<7}{'x_llama':>10}{'HF dynamic':>12}{'HF static':>11}{'ratio':>8}")
-    for row in decode_rows(ours, theirs, tokens, new, (1, 8), max(1, repeats - 2)):
-        print(f"{row['batch']:<7}{row['ours']:>10,.0f}{row['dynamic']:>12,.0f}{row['static']:>11,.0f}{row['ratio']:>7.2f}x")
+    decode_table(ours, theirs, tokens, quick, repeats)
 
     # our KV cache against re-running the prefix
     length = 128 if quick else 512

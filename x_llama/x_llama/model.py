@@ -489,8 +489,10 @@ def _compiled_step_graph():
     inductor's `decompose_mm_pass` turns each (1, K) x (K, N) product of batch-1 decoding into a multiply and a sum
     that its own kernel spreads over the threads; the matrix library runs such a product on one thread, and at batch 1
     a decoding step is the time to read the weights (measured on 2 threads, `cpu` preset: 1.4 ms against 2.4 ms)."""
-    options = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
-    return torch.compile(Llama._step_graph, fullgraph=True, dynamic=False, options=options)
+    return torch.compile(Llama._step_graph, fullgraph=True, dynamic=False, options=DECODE_COMPILE_OPTIONS)
+
+
+DECODE_COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}  # inductor options of the decoding step
 
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
