@@ -368,7 +368,7 @@ class Llama(nn.Module):
         """Logits (B, V) for one new token per row (tokens (B, 1)), appended to the cache: the same numbers as
         `forward(tokens, cache=cache)[:, -1]`, computed by the same layers, with shapes that do not change from step
         to step. With compile=True the step runs as one graph compiled by `torch.compile(fullgraph=True)` (the first
-        call per batch size and cache length compiles, ~10-20 s on 2 CPU threads), which removes the per-operation
+        call per batch size and cache length compiles, ~5-20 s on 2 CPU threads), which removes the per-operation
         Python and dispatch time that dominates a small model's decoding (README "Benchmark").
 
         Fixed shapes: the new key/value is written at slot `cache.length` given as a tensor, attention reads every
