@@ -63,11 +63,16 @@ TARGETS = (
     Target("rope", "x_llama/x_llama/rope.py", ("tests/x_llama/test_rope.py",)),
     # the compiled-vs-eager checks (30 s of compiling) test torch.compile, not the formulas; the eager tests cover them
     Target("layers", "shared/axon_shared/layers.py", ("tests/shared/test_layers.py",), "-k 'not compiled'"),
-    # the CLI test: `x-llama generate`'s own checks of the prompt length live in generation.py
+    # the CLI test: `x-llama generate`'s own checks of the prompt length live in generation.py; test_decode_step:
+    # generate(compile=True) (its graph comes from inductor's on-disk cache after the first mutant)
     Target(
         "generation",
         "x_llama/x_llama/generation.py",
-        ("tests/x_llama/test_cache_generate.py", "tests/x_llama/test_train.py::test_cli_train_generate_evaluate"),
+        (
+            "tests/x_llama/test_cache_generate.py",
+            "tests/x_llama/test_decode_step.py",
+            "tests/x_llama/test_train.py::test_cli_train_generate_evaluate",
+        ),
     ),
     Target("decoding", "transformer/transformer/decoding.py", ("tests/transformer/test_decoding.py",)),
     Target("diffusion", "dali_ddpm/dali_ddpm/diffusion.py", ("tests/dali_ddpm/test_diffusion.py",)),
