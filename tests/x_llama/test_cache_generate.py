@@ -160,6 +160,8 @@ def test_out_of_vocabulary_ids_are_a_clear_error(tiny_model):
     for bad in (vocab, -1):
         with pytest.raises(ValueError, match=r"outside \[0, vocab_size=97\)"):
             generate(tiny_model, [[1, bad]], 3)
+    with pytest.raises(ValueError, match=r"outside \[0, vocab_size=97\): \[97, 98, 99, 100, 101\]$"):  # the first 5
+        generate(tiny_model, [[1, *range(vocab, vocab + 8)]], 3)
     with pytest.raises(ValueError, match="token ids must lie in"):
         tiny_model(torch.tensor([[1, vocab + 5]]))
     with pytest.raises(ValueError, match="padded with -1"):
@@ -167,8 +169,9 @@ def test_out_of_vocabulary_ids_are_a_clear_error(tiny_model):
 
 
 def test_a_single_flat_prompt_is_rejected_with_a_hint(tiny_model):
-    with pytest.raises(TypeError, match="wrap a single prompt in a list"):
-        generate(tiny_model, [1, 2, 3], 3)
+    for not_a_list_of_lists in ([1, 2, 3], torch.tensor([[1, 2, 3]]), "And God said", range(3)):
+        with pytest.raises(TypeError, match="wrap a single prompt in a list"):
+            generate(tiny_model, not_a_list_of_lists, 3)
 
 
 def test_bf16_model_keeps_float32_rope_tables(tiny_config):

@@ -89,3 +89,23 @@ def test_decode_step_refuses_what_it_does_not_run(tiny_model):
         generate(tiny_model, [[1, 2]], 3, use_cache=False, compile=True)
     with pytest.raises(ConfigError, match="GenerateConfig.compile=True: decodes with the KV cache"):
         GenerateConfig(compile=True, use_cache=False).validate()
+
+
+@pytest.mark.parametrize("new, slots", [(10, 64), (54, 64), (55, 128), (240, 256)])
+def test_compiled_generate_rounds_the_cache_up_to_64_slots(monkeypatch, new, slots):
+    """The compiled graph is specialised to the cache length, so generate(compile=True) allocates the prompt (10
+    tokens) + new tokens rounded up to a multiple of 64, at most max_seq_len (256 here); without compile, exactly
+    prompt + new."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=97, max_seq_len=256)).eval()
+    allocated = []
+
+    def spy(batch_size, max_len=None):
+        allocated.append(max_len)
+        raise InterruptedError  # stop before decoding: only the allocation is under test
+
+    monkeypatch.setattr(model, "new_cache", spy)
+    for compile in (True, False):
+        with pytest.raises(InterruptedError):
+            generate(model, [list(range(1, 11))], new, compile=compile)
+    assert allocated == [slots, 10 + new]

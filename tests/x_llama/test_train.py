@@ -164,6 +164,9 @@ def test_cli_train_generate_evaluate(tmp_path, tokenizer_path, capsys):
         with pytest.raises(SystemExit, match=rf"has {128 - room} tokens .* to {room} or less") as error:
             main(["generate", "--checkpoint", str(out), "--prompt", prompt, "--max_new_tokens", "5"])
         assert ("shorten the prompt" in str(error.value)) == hint
+    # room 1 and one new token: exactly the context, allowed
+    main(["generate", "--checkpoint", str(out), "--prompt", ("the " * words).strip(), "--max_new_tokens", "1"])
+    assert capsys.readouterr().out.startswith("the the")
     with pytest.raises(SystemExit, match=r"x-llama generate: error: .*nowhere does not exist; pass a run directory"):
         main(["generate", "--checkpoint", str(out / "nowhere"), "--prompt", "Hi"])
 
