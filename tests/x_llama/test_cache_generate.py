@@ -193,6 +193,20 @@ def test_decoding_n_tokens_takes_n_forward_passes(tiny_model, use_cache):
     assert [len(row) for row in out] == [6, 6] and len(calls) == 6
 
 
+def test_a_long_decode_also_stops_after_its_last_token():
+    """300 tokens take 300 forward passes too: the last-step test compares numbers past CPython's small-int cache
+    (a test written with `is` would pass at 6 tokens and run a 301st forward here)."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=97, max_seq_len=320)).eval()
+    calls = []
+    handle = model.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        out = generate(model, [[1, 7, 3]], 300)
+    finally:
+        handle.remove()
+    assert len(out[0]) == 300 and len(calls) == 300
+
+
 def test_top_p_boundary_and_top_k_past_the_vocabulary():
     """The nucleus is the smallest set whose mass reaches top_p: with four equally likely tokens and top_p = 0.5
     it is two tokens (the third's preceding mass, exactly 0.5, already reaches it). top_k at or past the vocabulary
