@@ -375,17 +375,8 @@ class Llama(nn.Module):
         one of the cache's max_len slots with the unfilled (and left-padding) slots masked, and RoPE reads each row's
         `next_position`. The checks (ids, length, positions) run here, outside the graph."""
         config = self.config
-        unsupported = {
-            name: value
-            for name, value, default in [
-                ("position", config.position, "rope"),
-                ("attention", config.attention, "softmax"),
-                ("ffn", config.ffn, "swiglu"),
-                ("router", config.router, "none"),
-                ("residual", config.residual, "standard"),
-            ]
-            if value != default and not (name == "position" and value == "nope")
-        }
+        runs = {"position": ("rope", "nope"), "attention": ("softmax",), "ffn": ("swiglu",), "router": ("none",), "residual": ("standard",)}
+        unsupported = {name: getattr(config, name) for name, values in runs.items() if getattr(config, name) not in values}
         if unsupported:
             raise ValueError(
                 f"decode_step runs the standard Llama block (with RoPE or NoPE); this model has {unsupported}: "
