@@ -7,7 +7,9 @@
    compiled, graph breaks allowed). Our frozen reference runs in fp32 without gradients in every mode, as
    `run_dpo` does; trl's runs in the mode. Throughput in tokens/s (non-pad tokens).
 2. PPO rollout: our sampler (x_llama `generate`, KV cache, left-padded batches) vs transformers' `generate()` on
-   `LlamaForCausalLM` with its own KV cache (do_sample, same temperature, no top-k). Generated tokens/s.
+   `LlamaForCausalLM` with its own KV cache (do_sample, same temperature, no top-k). Generated tokens/s. Then each
+   decoding step compiled on both sides: ours `generate(compile=True)` (`sampling.compile`), theirs `generate()` with
+   its static cache and a `CompileConfig` with the same inductor options.
 3. A whole PPO iteration (rollout + scoring + GAE + minibatch updates) with our rollout vs with the HF rollout.
 
 Run: python benchmarks/instructgpt_rlhf_bench.py [--quick]   (prints a table; ratio = ours / theirs speed)
@@ -160,12 +162,21 @@ def main() -> None:
     sampling = SamplingConfig(max_new_tokens=new_tokens, batch_size=gen_batch, temperature=1.0)
     hf = to_hf(policy, attn_implementation="sdpa").eval()  # transformers' Llama, its own dynamic KV cache in generate()
 
-    def hf_rollout(model_prompts):
+    def hf_rollout(model_prompts, compile: bool = False):
+        from transformers import CompileConfig
+
         from x_llama.generation import left_pad
+        from x_llama.model import DECODE_COMPILE_OPTIONS
 
         ids, mask = left_pad(model_prompts, pad_id=0)
+        kwargs = {}
+        if compile:  # the static cache, compiled (on CPU only when told to), with our step's inductor options
+            config = CompileConfig(fullgraph=True, dynamic=False, mode=None, options=DECODE_COMPILE_OPTIONS)
+            config._compile_all_devices = True
+            kwargs = dict(cache_implementation="static", compile_config=config)
         with torch.no_grad():
             out = hf.generate(
+                **kwargs,
                 input_ids=ids,
                 attention_mask=mask,
                 do_sample=True,
@@ -178,16 +189,18 @@ def main() -> None:
             )
         return [row.tolist() for row in out[:, ids.shape[1] :]]
 
-    def ours_rollout(model_prompts):
+    def ours_rollout(model_prompts, compile: bool = False):
         from x_llama import generate
 
-        return generate(policy, model_prompts, max_new_tokens=new_tokens, temperature=1.0, eos_id=None)
+        return generate(policy, model_prompts, max_new_tokens=new_tokens, temperature=1.0, eos_id=None, compile=compile)
 
     gen_tokens = gen_batch * new_tokens  # EOS disabled on both sides: every row decodes max_new_tokens
     t_our, t_hf = interleaved([lambda: ours_rollout(prompts), lambda: hf_rollout(prompts)], repeats, warmup=1)
     rows.append(
         ("PPO rollout (generated tokens/s)", gen_tokens / t_our, gen_tokens / t_hf, "transformers LlamaForCausalLM.generate() + KV cache")
     )
+    t_our, t_hf = interleaved([lambda: ours_rollout(prompts, compile=True), lambda: hf_rollout(prompts, compile=True)], repeats, warmup=2)
+    rows.append(("PPO rollout, each step compiled (tokens/s)", gen_tokens / t_our, gen_tokens / t_hf, "the same, static cache, compiled"))
 
     # ---- 3. whole PPO iteration ------------------------------------------------------------------------------
     cfg = PPOConfig(ppo_epochs=2, minibatch_size=gen_batch // 4, sampling=sampling, train=PPOTrain(batch_size=gen_batch, lr=1e-5))

@@ -98,6 +98,7 @@ class SamplingConfig(AxonConfig):
     max_new_tokens: int = 32
     temperature: float = 1.0  # rollouts and preference samples: plain softmax sampling (no top-k/top-p: KL stays >= 0)
     batch_size: int = 64
+    compile: bool = False  # each decoding step as one compiled graph (x_llama `generate(compile=True)`); the first batch compiles
 
     def validate(self) -> None:
         require_positive(self, "min_prompt_tokens", "max_prompt_tokens", "max_new_tokens", "batch_size")

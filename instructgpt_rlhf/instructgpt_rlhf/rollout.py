@@ -17,13 +17,19 @@ from .model import policy_logits
 @torch.no_grad()
 def sample_completions(policy: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, eos_id: int) -> list[list[int]]:
     """One completion per prompt: plain softmax sampling at `sampling.temperature` (no top-k/top-p, so the KL
-    estimate log pi - log ref is an unbiased sample of a true KL), cut after EOS, in batches of sampling.batch_size.
-    Draws from torch's global RNG (so checkpoints capture it)."""
+    estimate log pi - log ref is an unbiased sample of a true KL), cut after EOS, in batches of sampling.batch_size;
+    with sampling.compile, each decoding step runs as one compiled graph. Draws from torch's global RNG (so checkpoints capture it)."""
     out: list[list[int]] = []
     for start in range(0, len(prompts), sampling.batch_size):
         chunk = [list(p) for p in prompts[start : start + sampling.batch_size]]
         out += generate(
-            policy, chunk, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, eos_id=eos_id, use_cache=True
+            policy,
+            chunk,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            eos_id=eos_id,
+            use_cache=True,
+            compile=sampling.compile,
         )
     return out
 

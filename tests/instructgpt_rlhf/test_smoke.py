@@ -25,7 +25,9 @@ def target_rate(completions):
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_ppo_raises_a_known_reward(bf16):
-    """Also under bf16 autocast (`train.bf16`), where the old, reference and updated log-probs all run in bf16."""
+    """Also under bf16 autocast (`train.bf16`), where the old, reference and updated log-probs all run in bf16.
+    16 iterations: with 8, whether the rate rose by 0.15 depended on the random stream (6 seeds: +0.07 to +0.23);
+    after 16 it ends at 0.59-0.98 in 18 runs (6 seeds x fp32/bf16 x two samplers)."""
     torch.manual_seed(0)
     policy = tiny_llama(V, seed=0)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -52,12 +54,12 @@ def test_ppo_raises_a_known_reward(bf16):
     eval_prompts = [[1, 3 + i % 5] for i in range(128)]
     before = float(target_rate(sample_completions(policy, eval_prompts, cfg.sampling, EOS)).mean())
     history = []
-    for _ in range(8):
+    for _ in range(16):
         metrics, _ = ppo_iteration(policy, ref, value, prompts, lambda b, c: target_rate(c), cfg, update, kl_ctl, EOS, bf16=bf16)
         history.append(metrics)
     after = float(target_rate(sample_completions(policy, eval_prompts, cfg.sampling, EOS)).mean())
     assert before < 0.1
-    assert after > before + 0.15, (before, after)  # measured: 0.03 -> 0.26
+    assert after > before + 0.4, (before, after)  # measured: 0.03 -> 0.98
     for key in ("kl", "entropy", "clipfrac", "approx_kl", "value_error", "score"):
         assert all(torch.isfinite(torch.tensor(m[key])) for m in history)
     assert history[0]["kl"] == 0  # the first rollout's policy is the reference, in the same precision

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from x_llama import KVCache, Llama, LlamaConfig, generate, stream_generate
-from x_llama.generation import sample_next
+from x_llama.generation import draw_categorical, sample_next
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
@@ -111,6 +111,35 @@ def test_top_k_and_top_p_restrict_the_support():
     draws = torch.stack([sample_next(logits, 1.0, generator=generator) for _ in range(2000)])
     frequencies = torch.bincount(draws.flatten(), minlength=4).float() / 2000
     assert_close(frequencies, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04, rtol=0)
+
+
+def test_draw_categorical_draws_each_row_from_its_own_distribution():
+    """Inverse-CDF sampling: 20,000 draws per row land on each index in proportion to the row's weights, which need
+    not sum to 1 (each row is normalised by its own total), and an index of weight 0 is never drawn, wherever it is
+    (first, between, last)."""
+    weights = torch.tensor(
+        [
+            [0.0, 0.1, 0.0, 0.6, 0.3],  # zeros first and in between
+            [2.0, 1.0, 0.5, 0.5, 0.0],  # sums to 4; a zero last
+            [0.2, 0.2, 0.2, 0.2, 0.2],
+        ]
+    )
+    generator = torch.Generator().manual_seed(0)
+    n = 20_000
+    draws = torch.stack([draw_categorical(weights, generator) for _ in range(n)])  # (n, 3)
+    expected = weights / weights.sum(-1, keepdim=True)
+    for row in range(3):
+        frequencies = torch.bincount(draws[:, row], minlength=5).double() / n
+        assert_close(frequencies, expected[row].double(), atol=0.015, rtol=0)  # 4.7 standard errors at p = 0.5
+        assert (frequencies[expected[row] == 0] == 0).all()
+
+
+def test_draw_categorical_never_returns_a_zero_weight_index_when_u_rounds_up_to_the_total(monkeypatch):
+    """u * total can round up to the total itself; the draw then falls on the last index of positive weight, not on
+    the zero-weight entries after it (nor past the end)."""
+    monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: torch.ones(shape, dtype=kwargs.get("dtype")))
+    weights = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    assert draw_categorical(weights).tolist() == [1, 3]
 
 
 def test_logprobs_are_those_of_the_model(tiny_model):
