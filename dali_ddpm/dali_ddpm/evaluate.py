@@ -97,7 +97,7 @@ def evaluate(cfg: EvaluateConfig) -> dict:
     original = size * size  # dims actually modelled
     result["bits_per_dim"] = {
         "per_modelled_dim": round(total.mean().item(), 4),
-        "stderr": round(total.std().item() / math.sqrt(total.numel()), 4),
+        "stderr": round(total.std().item() / math.sqrt(total.numel()), 4) if total.numel() > 1 else None,  # none from one image
         "prior": round(terms["prior"].mean().item(), 6),
         "decoder": round(terms["decoder"].mean().item(), 4),
         "kl_sum": round(terms["kl"].mean().item(), 4),
