@@ -57,10 +57,11 @@ def draw_categorical(probs: Tensor, generator: torch.Generator | None = None) ->
 
     One random number per row, where `torch.multinomial` draws one exponential per vocabulary entry: with a
     2,048-token vocabulary at batch 64 that was a third of a sampled rollout's time. The cumulative sums are in
-    float64, so rounding does not move probability between tokens."""
-    cdf = probs.double().cumsum(-1)  # (B, V)
+    float64 (float32 on Apple's MPS, which has no float64), so rounding does not move probability between tokens."""
+    dtype = torch.float32 if probs.device.type == "mps" else torch.float64
+    cdf = probs.to(dtype).cumsum(-1)  # (B, V)
     total = cdf[:, -1:]  # (B, 1): 1 up to the softmax's rounding
-    u = torch.rand(total.shape, dtype=torch.float64, device=probs.device, generator=generator) * total
+    u = torch.rand(total.shape, dtype=dtype, device=probs.device, generator=generator) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # u < total even if the product rounds up
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)  # (B,): the number of entries with cdf <= u
 
