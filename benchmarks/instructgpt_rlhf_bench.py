@@ -18,6 +18,7 @@ Run: python benchmarks/instructgpt_rlhf_bench.py [--quick]   (prints a table; ra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import time
@@ -166,7 +167,7 @@ def main() -> None:
         from transformers import CompileConfig
 
         from x_llama.generation import left_pad
-        from x_llama.model import DECODE_COMPILE_OPTIONS
+        from x_llama.model import DECODE_COMPILE_OPTIONS, decode_mm_limits
 
         ids, mask = left_pad(model_prompts, pad_id=0)
         kwargs = {}
@@ -174,7 +175,7 @@ def main() -> None:
             config = CompileConfig(fullgraph=True, dynamic=False, mode=None, options=DECODE_COMPILE_OPTIONS)
             config._compile_all_devices = True
             kwargs = dict(cache_implementation="static", compile_config=config)
-        with torch.no_grad():
+        with torch.no_grad(), decode_mm_limits() if compile else contextlib.nullcontext():  # our step's limits
             out = hf.generate(
                 **kwargs,
                 input_ids=ids,

@@ -8,6 +8,7 @@ at one already running (then --api_key if it has one).
 
     python benchmarks/serve_bench.py                                 # runs/x_llama/cpu, ~1 minute on 2 threads
     python benchmarks/serve_bench.py --quick                         # smoke run
+    python benchmarks/serve_bench.py --compile                       # each decoding step compiled (serve --compile true)
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --clients 1 8 32
 """
 
@@ -35,14 +36,16 @@ PROMPTS = (
 )
 
 
-def start_server(checkpoint: str, max_batch: int) -> tuple[str, object]:
+def start_server(checkpoint: str, max_batch: int, compile: bool = False) -> tuple[str, object]:
     import uvicorn
 
     from x_llama.serve import ServeConfig, create_app
     from x_llama.train import load_pretrained
 
     model, tokenizer, _ = load_pretrained(checkpoint)
-    app = create_app(model, tokenizer, Path(checkpoint).resolve().name, ServeConfig(checkpoint=checkpoint, max_batch=max_batch))
+    app = create_app(
+        model, tokenizer, Path(checkpoint).resolve().name, ServeConfig(checkpoint=checkpoint, max_batch=max_batch, compile=compile)
+    )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -116,12 +119,13 @@ def main() -> None:
     parser.add_argument("--max_tokens", type=int, default=32)
     parser.add_argument("--max_batch", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="8 requests of 8 tokens per level")
+    parser.add_argument("--compile", action="store_true", help="the in-process server decodes with compiled steps (serve --compile true)")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.max_tokens = 8, 8
     url, headers = args.url, {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     if url is None:
-        url, _ = start_server(args.checkpoint, args.max_batch)
+        url, _ = start_server(args.checkpoint, args.max_batch, args.compile)
     in_process = args.url is None
     run_level(url, headers, 1, 1, 4)  # warm-up
     before = resident_mib()

@@ -20,6 +20,7 @@ context 128, 512 and 2048, peak memory against batch size; a table and a plot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -36,7 +37,7 @@ from transformers import CompileConfig
 from common import MODES, interleaved, peaks, precision
 from x_llama import Llama, LlamaConfig, generate, lm_loss
 from x_llama.hf import to_hf
-from x_llama.model import DECODE_COMPILE_OPTIONS
+from x_llama.model import DECODE_COMPILE_OPTIONS, decode_mm_limits
 from x_llama.train import training_flops_per_token
 
 warnings.filterwarnings("ignore")
@@ -114,7 +115,12 @@ def hf_decode(model, prompts: torch.Tensor, new: int, cache_implementation: str 
         config = CompileConfig(fullgraph=True, dynamic=False, mode=None, options=DECODE_COMPILE_OPTIONS)
         config._compile_all_devices = True
         kwargs["compile_config"] = config
-    return lambda: model.generate(prompts, attention_mask=torch.ones_like(prompts), **kwargs)
+
+    def run():
+        with decode_mm_limits() if compile else contextlib.nullcontext():  # the limits our compiled step uses
+            return model.generate(prompts, attention_mask=torch.ones_like(prompts), **kwargs)
+
+    return run
 
 
 def decode_rows(ours: Llama, theirs, tokens: torch.Tensor, new: int, batches: tuple[int, ...], repeats: int) -> list[dict]:

@@ -18,9 +18,10 @@ import torch
 import uvicorn
 
 from axon_shared.config import ConfigError
+from x_llama import Llama, LlamaConfig
 from x_llama.cli import main
 from x_llama.generation import generate
-from x_llama.serve import Engine, Job, Sampling, ServeConfig, create_app, resolve_api_key
+from x_llama.serve import Engine, Job, Sampling, ServeConfig, batch_sizes, create_app, resolve_api_key
 from x_llama.train import load_pretrained
 
 from .conftest import tiny_train_args
@@ -145,21 +146,11 @@ def test_requests_join_a_batch_that_is_decoding(served, client, http):
     assert [first, second, third] == [reference(served, p, m) for p, m in ((PROMPTS[7], 60), (LONG_PROMPT, 20), (PROMPTS[4], 10))]
 
 
-def test_engine_rows_joining_leaving_and_compacting_equal_generate(served):
-    """The engine driven step by step (no thread, no HTTP): requests join at chosen steps, rows leave, the queue
-    waits for a free row (max_batch=3), and the cache is compacted when the slots would run out (the first row
-    spans slots up to 102, the last joins at step 80 and needs 60 more slots of 128): every row's tokens equal `generate` on its prompt alone."""
-    _, model, tokenizer, _ = served
-    engine = Engine(model, tokenizer, max_batch=3)
+def drive(engine: Engine, plan: dict[int, list[tuple[list[int], int]]]) -> tuple[list[Job], list[tuple[int, int, int]]]:
+    """Run the engine step by step (no thread, no HTTP), submitting the plan's (prompt, max_tokens) requests at their
+    steps; returns the jobs and, after each decoding step, (cache length, cache rows, active rows)."""
     loop = asyncio.new_event_loop()
-    encode = lambda text: tokenizer.encode(text, bos=True)
-    plan = {
-        0: [(encode("Q"), 100)],
-        3: [(encode(LONG_PROMPT), 30), (encode("The"), 5)],
-        6: [(encode("Call me"), 8)],
-        80: [(encode(LONG_PROMPT), 60)],
-    }
-    jobs, lengths = [], []
+    jobs, trace = [], []
     with torch.inference_mode():
         for step in range(400):
             for prompt, max_tokens in plan.get(step, []):
@@ -170,14 +161,70 @@ def test_engine_rows_joining_leaving_and_compacting_equal_generate(served):
                 engine._prefill(admitted)
             if engine.rows:
                 engine._step()
-                lengths.append(engine.cache.length if engine.cache is not None else 0)
+                cache = engine.cache
+                trace.append((cache.length, cache.batch_size, len(engine.rows)) if cache is not None else (0, 0, 0))
             if step > max(plan) and not engine.rows and not engine.waiting:
                 break
     loop.close()
-    assert engine.stats["max_rows"] == 3 and max(lengths) <= model.config.max_seq_len
+    return jobs, trace
+
+
+def engine_plan(tokenizer) -> dict[int, list[tuple[list[int], int]]]:
+    """Requests join at chosen steps and rows leave; the cache must be compacted when the slots would run out (the
+    first row spans slots up to 102, the last joins at step 80 and needs 60 more slots of 128)."""
+    encode = lambda text: tokenizer.encode(text, bos=True)
+    return {
+        0: [(encode("Q"), 100)],
+        3: [(encode(LONG_PROMPT), 30), (encode("The"), 12)],
+        4: [(encode("Once upon"), 12)],
+        6: [(encode("Call me"), 8)],
+        80: [(encode(LONG_PROMPT), 60)],
+    }
+
+
+def assert_rows_equal_generate(jobs: list[Job], model, tokenizer) -> None:
     for job in jobs:
         expected = generate(model, [job.prompt], job.sampling.max_tokens, eos_id=tokenizer.eos_id)[0]
         assert job.rows[0].new == expected and job.rows[0].finished
+
+
+def test_engine_rows_joining_leaving_and_compacting_equal_generate(served):
+    """The engine driven step by step: the queue waits for a free row (max_batch=3), the cache is compacted, and
+    every row's tokens equal `generate` on its prompt alone."""
+    _, model, tokenizer, _ = served
+    engine = Engine(model, tokenizer, max_batch=3)
+    jobs, trace = drive(engine, engine_plan(tokenizer))
+    assert engine.stats["max_rows"] == 3 and max(length for length, _, _ in trace) <= model.config.max_seq_len
+    assert_rows_equal_generate(jobs, model, tokenizer)
+
+
+def test_compiled_engine_pads_rows_compiles_at_start_and_equals_generate(served):
+    """--compile: steps of up to compile_max_rows=4 rows run Llama.decode_step's compiled graph at batch 1, 2 or 4 (three
+    rows in a graph of four, with a padding row), steps of 5 rows run eagerly. warm_up compiles the three sizes before
+    serving, so no step compiles (dynamo builds no new graph while the requests run); rows join a padded cache, leave,
+    cross between the two kinds of step and are compacted, and every row's tokens still equal eager `generate` on its
+    prompt alone."""
+    from torch._dynamo.utils import counters
+
+    _, model, tokenizer, _ = served
+    engine = Engine(model, tokenizer, max_batch=5, compile=True, compile_max_rows=4)
+    assert engine.sizes == [1, 2, 4]
+    engine.warm_up()
+    graphs = counters["stats"]["unique_graphs"]
+    jobs, trace = drive(engine, engine_plan(tokenizer))
+    assert counters["stats"]["unique_graphs"] == graphs, "a decoding step compiled after warm_up"
+    assert {(rows, active) for _, rows, active in trace} >= {(1, 1), (2, 2), (4, 3), (5, 5)}  # 3 rows padded to 4; 5 eager
+    assert engine.stats["joined_while_decoding"] >= 2
+    assert_rows_equal_generate(jobs, model, tokenizer)
+
+
+def test_batch_sizes_and_compile_refuses_what_decode_step_cannot_run(served):
+    assert batch_sizes(32) == [1, 2, 4, 8, 16, 32] and batch_sizes(12) == [1, 2, 4, 8, 12] and batch_sizes(1) == [1]
+    _, _, tokenizer, _ = served
+    alibi = Llama(LlamaConfig.from_preset("tiny", vocab_size=512, max_seq_len=64, position="alibi"))
+    with pytest.raises(ConfigError, match="compile=True decodes with Llama.decode_step.*position.*--compile false"):
+        Engine(alibi, tokenizer, compile=True)
+    Engine(alibi, tokenizer)  # eager serving runs it
 
 
 def test_stop_sequences_n_and_seed(served, client):
@@ -290,15 +337,16 @@ def test_a_failing_step_fails_its_requests_and_the_server_stays_up(served, clien
 
 
 def test_serve_command_names_the_model_after_the_run_directory(served, monkeypatch):
-    """`x-llama serve` end to end up to uvicorn.run: the model id, the host default and $AXON_API_KEY."""
+    """`x-llama serve` end to end up to uvicorn.run: the model id, the host default, $AXON_API_KEY, --compile."""
     run_dir = served[3].state.server.cfg.checkpoint
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
     monkeypatch.setenv("AXON_API_KEY", "k")
-    main(["serve", "--checkpoint", run_dir, "--port", "8123"])
+    main(["serve", "--checkpoint", run_dir, "--port", "8123", "--compile", "true", "--max_batch", "8"])
     ((app, kwargs),) = calls
     assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 8123
     assert app.state.server.model_id == "tiny-run" and app.state.server.api_key == "k"
+    assert app.state.server.engine.compile and app.state.server.engine.sizes == [1, 2, 4, 8]
 
 
 def test_config_and_api_key_from_environment(monkeypatch):

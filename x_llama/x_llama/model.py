@@ -15,6 +15,7 @@ the RoPE layout is Meta's interleaved one, so a Meta checkpoint loads without co
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -375,8 +376,7 @@ class Llama(nn.Module):
         one of the cache's max_len slots with the unfilled (and left-padding) slots masked, and RoPE reads each row's
         `next_position`. The checks (ids, length, positions) run here, outside the graph."""
         config = self.config
-        runs = {"position": ("rope", "nope"), "attention": ("softmax",), "ffn": ("swiglu",), "router": ("none",), "residual": ("standard",)}
-        unsupported = {name: getattr(config, name) for name, values in runs.items() if getattr(config, name) not in values}
+        unsupported = self.decode_step_unsupported()
         if unsupported:
             raise ValueError(
                 f"decode_step runs the standard Llama block (with RoPE or NoPE); this model has {unsupported}: "
@@ -394,6 +394,12 @@ class Llama(nn.Module):
         cache.length += 1
         cache.next_position += 1
         return logits
+
+    def decode_step_unsupported(self) -> dict[str, str]:
+        """The config choices `decode_step` does not run (empty when it runs this model): it builds the standard
+        block's step (softmax attention, SwiGLU, no router, one residual stream; RoPE or NoPE)."""
+        runs = {"position": ("rope", "nope"), "attention": ("softmax",), "ffn": ("swiglu",), "router": ("none",), "residual": ("standard",)}
+        return {name: getattr(self.config, name) for name, values in runs.items() if getattr(self.config, name) not in values}
 
     def _step_graph(self, tokens: Tensor, cache: KVCache, slot: Tensor, cos: Tensor | None, sin: Tensor | None) -> Tensor:
         """decode_step's tensor work: no Python decision depends on a tensor's values."""
@@ -475,16 +481,47 @@ class Llama(nn.Module):
 def _compiled_step_graph():
     """`Llama._step_graph` compiled once per process (inductor recompiles it for each new model shape, batch size
     and cache length; models of one shape share it: their weights are inputs of the graph, not constants, so a
-    policy being trained, as in PPO, decodes with its current weights).
+    policy being trained, as in PPO, decodes with its current weights). Called under `decode_mm_limits()`.
 
-    inductor's `decompose_mm_pass` turns each (1, K) x (K, N) product of batch-1 decoding into a multiply and a sum
-    that its own kernel spreads over the threads; the matrix library runs such a product on one thread, and at batch 1
-    a decoding step is the time to read the weights (measured on 2 threads, `cpu` preset, batch 1: the
-    graph takes ~1.0 ms with the pass, ~2.5 ms without it, ~4.0 ms run eagerly)."""
-    return torch.compile(Llama._step_graph, fullgraph=True, dynamic=False, options=DECODE_COMPILE_OPTIONS)
+    inductor's `decompose_mm_pass` turns each (M, K) x (K, N) product of decoding, M = the batch size, into a
+    multiply and a sum that its own kernel spreads over the threads; the matrix library runs such a thin product on
+    one thread, and a decoding step is mostly the time to read the weights. Measured on 2 threads, `cpu` preset,
+    256-slot cache, medians of 7 x 30 steps (ms per step, eager / compiled with the pass's default limits M <= 1,
+    N <= 2048 / compiled with ours, M <= 16, N <= 16384, which take in the output layer): batch 1 4.5 / 1.44 / 1.26,
+    batch 2 5.1 / 3.00 / 2.36, batch 4 5.9 / 4.57 / 1.90, batch 8 5.6 / 4.97 / 3.20, batch 16 7.2 / 6.21 / 4.58.
+
+    `recompile_limit` raises dynamo's default of 8 graphs per function, past which a fullgraph compile fails outright:
+    a server compiles one graph per batch size (5 at compile_max_rows 16), generate one per rounded cache length."""
+    compiled = torch.compile(Llama._step_graph, fullgraph=True, dynamic=False, options=DECODE_COMPILE_OPTIONS, recompile_limit=64)
+
+    def step(*args):
+        with decode_mm_limits():  # a call compiles when it meets a new shape
+            return compiled(*args)
+
+    return step
 
 
-DECODE_COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}  # inductor options of the decoding step
+DECODE_MM_LIMITS = {"cpu_max_first_dimension_decomposition": 16, "cpu_max_other_dimension_decomposition": 16384}
+DECODE_COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": DECODE_MM_LIMITS}}  # inductor options of the step
+
+
+@contextlib.contextmanager
+def decode_mm_limits():
+    """Compile decoding graphs with `DECODE_MM_LIMITS`. inductor (torch 2.13, fx_passes/decompose_mem_bound_mm.py) reads
+    the pass's size limits once, when it imports the pass's module, not from each compile's options, so they are set on
+    the module here and restored after: other graphs of the process (compiled training, where a product with 16 rows
+    is not memory-bound) keep the defaults. `DECODE_COMPILE_OPTIONS` carries the same limits, which puts them in
+    inductor's cache key: a graph cached under other limits is not reused."""
+    from torch._inductor.fx_passes import decompose_mem_bound_mm as mm_pass
+
+    saved = {name: getattr(mm_pass, name) for name in DECODE_MM_LIMITS}
+    for name, value in DECODE_MM_LIMITS.items():
+        setattr(mm_pass, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(mm_pass, name, value)
 
 
 def lm_loss(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:

@@ -13,6 +13,13 @@ shared by all rows (`KVCache.length`): a row occupies the slots [length - used, 
 in `key_mask` and it keeps its own RoPE position (`next_position`), so every row decodes as it would alone
 (`test_serve.py` checks greedy outputs against `generate`). Merging right-aligns the two caches (shifting the
 shorter one right); when the slots run out the cache is compacted (shifted left by the free prefix all rows share).
+
+With `--compile true` each decoding step of up to `compile_max_rows` rows runs as one compiled graph
+(`Llama.decode_step`), whose shapes are fixed: the rows are padded to the next power of two (or compile_max_rows)
+with rows nobody reads, so a server compiles log2(compile_max_rows) + 1 graphs or fewer, all of them when it starts
+(`Engine.warm_up`). Larger batches, and the prefill of new requests (whose length varies with each prompt), run
+eagerly: the compiled step attends over all of the cache's slots and pads the rows, which costs more than it saves
+once a step is mostly matrix products (README, "Serving").
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import hmac
 import json
 import os
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -58,12 +66,14 @@ class ServeConfig(AxonConfig):
     max_batch: int = 32  # rows (sequences) decoded together; a request with n choices takes n rows
     max_queue: int = 256  # requests waiting for a row; beyond this the server answers 503
     max_body_bytes: int = 1_000_000  # larger request bodies get 413
+    compile: bool = False  # decode each step as one compiled graph (Llama.decode_step); compiles at start-up
+    compile_max_rows: int = 16  # with compile: steps of more rows run eagerly (README: where compiling stops paying)
     device: str = "cpu"
     log_level: str = "info"
 
     def validate(self) -> None:
         require(0 <= self.port <= 65535, self, "port", "must be in [0, 65535] (0 = any free port)")
-        require_positive(self, "max_batch", "max_queue", "max_body_bytes")
+        require_positive(self, "max_batch", "max_queue", "max_body_bytes", "compile_max_rows")
         require(bool(self.host), self, "host", "must not be empty")
         require(self.api_key is None or len(self.api_key) > 0, self, "api_key", "must not be empty (or null for none)")
         require(self.log_level in ("critical", "error", "warning", "info", "debug"), self, "log_level", "must be a uvicorn log level")
@@ -175,6 +185,26 @@ def _select(cache: KVCache, rows: list[int]) -> KVCache:
     return _rebuild(cache, cache.k[:, index], cache.v[:, index], cache.key_mask[index], cache.next_position[index])
 
 
+def _pad_rows(cache: KVCache, size: int) -> KVCache:
+    """The cache with rows added up to `size` (a compiled step's batch size). The added rows are decoded and never
+    read: zero keys and values, every slot masked (decode_step unmasks each new slot, so no row's softmax is
+    empty), RoPE position 0. Their logits are dropped, and `_select` drops the rows when the membership changes."""
+    extra = size - cache.batch_size
+    if extra <= 0:
+        return cache
+    k_pad = cache.k.new_zeros(cache.k.shape[:1] + (extra,) + cache.k.shape[2:])  # (L, extra, H_kv, S, d)
+    mask_pad = cache.key_mask.new_zeros(extra, cache.max_len)  # (extra, S): all False
+    positions_pad = cache.next_position.new_zeros(extra)
+    k = torch.cat((cache.k, k_pad), 1)  # (L, size, H_kv, S, d): the real rows first, as the tokens are
+    v = torch.cat((cache.v, k_pad), 1)
+    return _rebuild(cache, k, v, torch.cat((cache.key_mask, mask_pad)), torch.cat((cache.next_position, positions_pad)))
+
+
+def batch_sizes(max_batch: int) -> list[int]:
+    """The batch sizes a compiled server decodes at: powers of two below max_batch, and max_batch."""
+    return [2**i for i in range(max_batch.bit_length()) if 2**i < max_batch] + [max_batch]
+
+
 def _concat(a: KVCache, b: KVCache) -> KVCache:
     """Rows of a then rows of b, right-aligned on the same slot axis."""
     length = max(a.length, b.length)
@@ -187,14 +217,24 @@ def _concat(a: KVCache, b: KVCache) -> KVCache:
 class Engine:
     """The scheduler: one thread owns the model and decodes every active row together (module docstring)."""
 
-    def __init__(self, model: Llama, tokenizer, max_batch: int = 32, max_queue: int = 256):
+    def __init__(
+        self, model: Llama, tokenizer, max_batch: int = 32, max_queue: int = 256, compile: bool = False, compile_max_rows: int = 16
+    ):
         if model.config.router == "mod":  # its per-layer key masks (cache.extra) are not shifted/joined by this engine
             raise ConfigError(
                 "x-llama serve does not batch Mixture-of-Depths models yet (router=mod keeps per-layer key masks the "
                 "continuous-batching cache moves do not carry); use x-llama generate"
             )
+        unsupported = model.decode_step_unsupported() if compile else {}
+        if unsupported:
+            raise ConfigError(
+                f"ServeConfig.compile=True decodes with Llama.decode_step, which runs the standard Llama block; this model "
+                f"has {unsupported}: serve it with --compile false"
+            )
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.compile = compile
+        self.sizes = batch_sizes(min(max_batch, compile_max_rows)) if compile else []  # the compiled step's batch sizes
         self.device = model.tok_embeddings.weight.device
         self.rows: list[Row] = []
         self.cache: KVCache | None = None
@@ -207,7 +247,22 @@ class Engine:
 
     # ---- called from the server --------------------------------------------------------------------------------
     def start(self) -> None:
+        if self.compile:
+            self.warm_up()
         self.thread.start()
+
+    def warm_up(self) -> float:
+        """Compile the decoding step for every batch size now (~6 s each for the `cpu` preset on 2 threads), so that no
+        request waits for a compile; returns the seconds spent. Runs in inference mode, as the engine thread does:
+        the graphs' guards include the grad mode."""
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for size in self.sizes:
+                cache = self.model.new_cache(size)
+                self.model.decode_step(torch.zeros(size, 1, dtype=torch.long, device=self.device), cache, compile=True)
+        seconds = time.perf_counter() - started
+        print(f"x-llama serve: compiled the decoding step for batch sizes {self.sizes} in {seconds:.0f} s", file=sys.stderr)
+        return seconds
 
     def stop(self) -> None:
         with self.condition:
@@ -287,6 +342,8 @@ class Engine:
                 self.cache = _rebuild(cache, cache.k, cache.v, cache.key_mask, cache.next_position)
             else:
                 self.stats["joined_while_decoding"] += len(jobs)
+                if self.cache.batch_size > len(self.rows):  # drop the compiled step's padding rows
+                    self.cache = _select(self.cache, list(range(len(self.rows))))
                 self._compact()
                 self.cache = _concat(self.cache, cache)
             self.rows += rows
@@ -297,8 +354,15 @@ class Engine:
 
     def _step(self) -> None:
         self._compact()
-        tokens = torch.tensor([[row.last_token] for row in self.rows], device=self.device)
-        logits = self.model(tokens, cache=self.cache)[:, -1]
+        tokens = torch.tensor([[row.last_token] for row in self.rows], device=self.device)  # (rows, 1)
+        rows = len(self.rows)
+        if self.sizes and rows <= self.sizes[-1]:  # compiled: pad to the graph's batch size, drop the padding's logits
+            size = next(size for size in self.sizes if size >= rows)
+            self.cache = _pad_rows(self.cache, size)
+            tokens = torch.cat((tokens, tokens.new_zeros(size - rows, 1)))  # (size, 1)
+            logits = self.model.decode_step(tokens, self.cache, compile=True)[:rows]
+        else:  # (a cache with padding rows has <= sizes[-1] rows: only a prefill, which drops them, adds rows)
+            logits = self.model(tokens, cache=self.cache)[:, -1]
         for row in self.rows:
             row.used += 1
         if self.step_delay:
@@ -400,7 +464,7 @@ class Server:
     def __init__(self, model: Llama, tokenizer, model_id: str, cfg: ServeConfig, api_key: str | None):
         self.model, self.tokenizer, self.model_id, self.cfg, self.api_key = model, tokenizer, model_id, cfg, api_key
         self.context = model.config.max_seq_len
-        self.engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_queue)
+        self.engine = Engine(model, tokenizer, cfg.max_batch, cfg.max_queue, cfg.compile, cfg.compile_max_rows)
         self.created = int(time.time())
 
     # ---- bodies ------------------------------------------------------------------------------------------------
