@@ -252,7 +252,7 @@ class Engine:
         self.thread.start()
 
     def warm_up(self) -> float:
-        """Compile the decoding step for every batch size now (~6 s each for the `cpu` preset on 2 threads), so that no
+        """Compile the decoding step for every batch size now (5-10 s each for the `cpu` preset on 2 threads), so that no
         request waits for a compile; returns the seconds spent. Runs in inference mode, as the engine thread does:
         the graphs' guards include the grad mode."""
         started = time.perf_counter()
