@@ -337,16 +337,27 @@ def test_a_failing_step_fails_its_requests_and_the_server_stays_up(served, clien
 
 
 def test_serve_command_names_the_model_after_the_run_directory(served, monkeypatch):
-    """`x-llama serve` end to end up to uvicorn.run: the model id, the host default, $AXON_API_KEY, --compile."""
+    """`x-llama serve` end to end up to uvicorn: the model id, the host default, $AXON_API_KEY, --compile (warmed up
+    before serving); the engine loop runs on the calling thread and ends when the HTTP server stops; a server that
+    never started is an error that says so."""
     run_dir = served[3].state.server.cfg.checkpoint
-    calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    servers = []
+
+    def fake_run(self, sockets=None):  # uvicorn.Server.run, in the serve command's HTTP thread
+        servers.append((self, threading.current_thread()))
+        self.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "run", fake_run)
     monkeypatch.setenv("AXON_API_KEY", "k")
-    main(["serve", "--checkpoint", run_dir, "--port", "8123", "--compile", "true", "--max_batch", "8"])
-    ((app, kwargs),) = calls
-    assert kwargs["host"] == "127.0.0.1" and kwargs["port"] == 8123
-    assert app.state.server.model_id == "tiny-run" and app.state.server.api_key == "k"
-    assert app.state.server.engine.compile and app.state.server.engine.sizes == [1, 2, 4, 8]
+    main(["serve", "--checkpoint", run_dir, "--port", "8123", "--compile", "true", "--max_batch", "8", "--compile_max_rows", "2"])
+    ((http, thread),) = servers
+    assert http.config.host == "127.0.0.1" and http.config.port == 8123 and thread is not threading.main_thread()
+    server = http.config.app.state.server
+    assert server.model_id == "tiny-run" and server.api_key == "k"
+    assert server.engine.compile and server.engine.sizes == [1, 2] and server.engine.stopping
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: None)  # e.g. the port is taken
+    with pytest.raises(SystemExit, match="did not start on 127.0.0.1:8123"):
+        main(["serve", "--checkpoint", run_dir, "--port", "8123"])
 
 
 def test_config_and_api_key_from_environment(monkeypatch):

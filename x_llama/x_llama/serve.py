@@ -243,10 +243,12 @@ class Engine:
         self.stopping = False
         self.step_delay = 0.0  # seconds slept per decode step (tests: make a request slow enough to interrupt)
         self.stats = {"steps": 0, "prefills": 0, "max_rows": 0, "joined_while_decoding": 0, "cancelled": 0, "requests": 0, "tokens": 0}
-        self.thread = threading.Thread(target=self._run, name="x-llama-engine", daemon=True)
+        self.thread = threading.Thread(target=self.run, name="x-llama-engine", daemon=True)
 
     # ---- called from the server --------------------------------------------------------------------------------
     def start(self) -> None:
+        """Warm up (with compile) and run the engine in its own thread (`create_app`'s default; `serve_command` calls
+        `run` on the main thread instead, see there)."""
         if self.compile:
             self.warm_up()
         self.thread.start()
@@ -265,10 +267,12 @@ class Engine:
         return seconds
 
     def stop(self) -> None:
+        """Ask `run` to return, and wait for the engine's own thread if it has one."""
         with self.condition:
             self.stopping = True
             self.condition.notify_all()
-        self.thread.join(timeout=10)
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
 
     def submit(self, job: Job) -> None:
         with self.condition:
@@ -283,7 +287,8 @@ class Engine:
             return {"active_rows": len(self.rows), "waiting": len(self.waiting), **self.stats}
 
     # ---- the engine thread -------------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The engine loop (module docstring), in the calling thread, until `stop`."""
         with torch.inference_mode():
             while True:
                 with self.condition:
@@ -622,8 +627,11 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-def create_app(model: Llama, tokenizer, model_id: str, cfg: ServeConfig | None = None, api_key: str | None = None):
-    """The FastAPI app; its engine thread starts and stops with the app's lifespan (`app.state.server.engine`)."""
+def create_app(
+    model: Llama, tokenizer, model_id: str, cfg: ServeConfig | None = None, api_key: str | None = None, engine_thread: bool = True
+):
+    """The FastAPI app. With engine_thread, the engine (`app.state.server.engine`) runs in its own thread, started
+    and stopped with the app's lifespan; otherwise the caller runs `engine.run()` and the lifespan's end stops it."""
     cfg = cfg or ServeConfig()
     if tokenizer is None:
         raise ValueError("the server needs a tokenizer (tokenizer.model next to the checkpoint)")
@@ -631,7 +639,8 @@ def create_app(model: Llama, tokenizer, model_id: str, cfg: ServeConfig | None =
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        server.engine.start()
+        if engine_thread:
+            server.engine.start()
         try:
             yield
         finally:
@@ -796,7 +805,16 @@ def resolve_api_key(cfg: ServeConfig) -> str | None:
 
 
 def serve_command(cfg: ServeConfig) -> None:
-    """`x-llama serve`: load the checkpoint and serve it with uvicorn until interrupted."""
+    """`x-llama serve`: load the checkpoint and serve it with uvicorn until interrupted.
+
+    The engine runs on the main thread, the thread that loaded the model, and uvicorn's event loop on a second one
+    (it does no tensor work). With PyTorch's OpenMP runtime (libgomp), each thread that runs parallel tensor
+    operations keeps its own team of worker threads. When the workers of all teams outnumber the cores, libgomp stops
+    letting them spin between parallel regions, and each of the compiled step's many small regions then waits for
+    sleeping workers to wake. Run from a second thread, after the main thread had used its own team, the compiled
+    `cpu` step took ~4 ms instead of ~1 ms on 2 cores (README, "Serving")."""
+    import signal
+
     import uvicorn
 
     from axon_shared.checkpoint import run_checkpoints
@@ -811,5 +829,28 @@ def serve_command(cfg: ServeConfig) -> None:
     api_key = resolve_api_key(cfg)
     if api_key is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {cfg.host} without an API key (set --api_key or $AXON_API_KEY)")
-    app = create_app(model, tokenizer, model_id, cfg, api_key)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    app = create_app(model, tokenizer, model_id, cfg, api_key, engine_thread=False)
+    engine = app.state.server.engine
+    if engine.compile:
+        engine.warm_up()
+    http = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level))
+
+    def serve_http() -> None:
+        try:
+            http.run()  # signal handlers are left to the main thread: Ctrl-C reaches the engine loop below
+        finally:
+            engine.stop()  # the server has stopped (or never started): end the engine loop
+
+    web = threading.Thread(target=serve_http, name="x-llama-http", daemon=True)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops the server as Ctrl-C does
+    web.start()
+    try:
+        engine.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        http.should_exit = True
+        web.join(timeout=10)
+        signal.signal(signal.SIGTERM, previous)
+    if not http.started:
+        raise SystemExit(f"x-llama serve: the HTTP server did not start on {cfg.host}:{cfg.port} (see the error above)")
