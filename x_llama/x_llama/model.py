@@ -491,7 +491,7 @@ def _compiled_step_graph():
     batch 2 5.1 / 3.00 / 2.36, batch 4 5.9 / 4.57 / 1.90, batch 8 5.6 / 4.97 / 3.20, batch 16 7.2 / 6.21 / 4.58.
 
     `recompile_limit` raises dynamo's default of 8 graphs per function, past which a fullgraph compile fails outright:
-    a server compiles one graph per batch size (5 at compile_max_rows 16), generate one per rounded cache length."""
+    a server compiles one graph per batch size (4 at compile_max_rows 8), generate one per rounded cache length."""
     compiled = torch.compile(Llama._step_graph, fullgraph=True, dynamic=False, options=DECODE_COMPILE_OPTIONS, recompile_limit=64)
 
     def step(*args):

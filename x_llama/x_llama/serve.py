@@ -5,8 +5,8 @@
 Endpoints: GET /health, GET /v1/models, POST /v1/completions (OpenAI's completions API, streaming as server-sent
 events), POST /input (praxis style: {"prompt", transformers generate() keyword arguments} -> {"response"}).
 
-Batching (`Engine`): one background thread owns the model and one `KVCache` whose rows are the sequences being
-decoded. Each loop iteration (1) drops rows whose client went away, (2) prefills every waiting request that fits
+Batching (`Engine`): one thread owns the model and one `KVCache` whose rows are the sequences being decoded (the
+main thread under `x-llama serve`, see `serve_command`; a thread of its own under `create_app`'s default). Each loop iteration (1) drops rows whose client went away, (2) prefills every waiting request that fits
 (left-padded, in one forward) and merges its rows into the running cache, (3) runs one decode step for all rows.
 So a request arriving while others decode joins at the next step (continuous batching). The cache's slot axis is
 shared by all rows (`KVCache.length`): a row occupies the slots [length - used, length), its pad slots are False
@@ -67,7 +67,7 @@ class ServeConfig(AxonConfig):
     max_queue: int = 256  # requests waiting for a row; beyond this the server answers 503
     max_body_bytes: int = 1_000_000  # larger request bodies get 413
     compile: bool = False  # decode each step as one compiled graph (Llama.decode_step); compiles at start-up
-    compile_max_rows: int = 16  # with compile: steps of more rows run eagerly (README: where compiling stops paying)
+    compile_max_rows: int = 8  # with compile: steps of more rows run eagerly (README: where compiling stops paying)
     device: str = "cpu"
     log_level: str = "info"
 
@@ -218,7 +218,7 @@ class Engine:
     """The scheduler: one thread owns the model and decodes every active row together (module docstring)."""
 
     def __init__(
-        self, model: Llama, tokenizer, max_batch: int = 32, max_queue: int = 256, compile: bool = False, compile_max_rows: int = 16
+        self, model: Llama, tokenizer, max_batch: int = 32, max_queue: int = 256, compile: bool = False, compile_max_rows: int = 8
     ):
         if model.config.router == "mod":  # its per-layer key masks (cache.extra) are not shifted/joined by this engine
             raise ConfigError(
