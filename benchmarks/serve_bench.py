@@ -1,10 +1,12 @@
 """`x-llama serve` under load: 1, 8 and 32 concurrent clients, each sending greedy /v1/completions requests one
 after another; requests/s, completion tokens/s, p50/p99 latency and errors per level, the server's resident memory
-after each level (in-process server only), and the batching gain: tokens/s at the most clients over one client.
-The largest level runs three times, so that memory growth from run to run (a leak: rows or caches not freed) shows.
+after each level (when this script started the server), and the batching gain: tokens/s at the most clients over one
+client. The largest level runs three times, so that memory growth from run to run (a leak: rows or caches not freed)
+shows.
 
-The server runs in this process (uvicorn in a thread, on a free 127.0.0.1 port) over --checkpoint, or --url points
-at one already running (then --api_key if it has one).
+The server is `x-llama serve` over --checkpoint, started by this script as its own process on a free 127.0.0.1 port
+(as users run it: its engine on its main thread, x_llama README "Which thread"), and stopped at the end; or --url
+points at one already running (then --api_key if it has one).
 
     python benchmarks/serve_bench.py                                 # runs/x_llama/cpu, ~1 minute on 2 threads
     python benchmarks/serve_bench.py --quick                         # smoke run
@@ -15,10 +17,11 @@ at one already running (then --api_key if it has one).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
+import os
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,32 +39,34 @@ PROMPTS = (
 )
 
 
-def start_server(checkpoint: str, max_batch: int, compile: bool = False) -> tuple[str, object]:
-    import uvicorn
+def start_server(checkpoint: str, max_batch: int, compile: bool = False) -> tuple[str, subprocess.Popen]:
+    """`x-llama serve` in a child process on a free port; returns its URL once /health answers (a compiling server
+    first warms up its graphs, ~20 s for the `cpu` preset)."""
+    with socket.socket() as sock:  # a free port (released just before the server binds it)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-c", "import sys; from x_llama.cli import main; main(sys.argv[1:])", "serve"]
+    command += ["--checkpoint", checkpoint, "--port", str(port), "--max_batch", str(max_batch), "--log_level", "warning"]
+    command += ["--compile", "true"] if compile else []
+    env = {**os.environ, "AXON_API_KEY": ""}  # no key: the benchmark sends none
+    server = subprocess.Popen(command, env=env)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 600
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return url, server
+        except httpx.HTTPError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            server.kill()
+            raise SystemExit(f"the server did not start (exit code {server.poll()}): {' '.join(command)}")
+        time.sleep(0.5)
 
-    from x_llama.serve import ServeConfig, create_app
-    from x_llama.train import load_pretrained
 
-    model, tokenizer, _ = load_pretrained(checkpoint)
-    app = create_app(
-        model, tokenizer, Path(checkpoint).resolve().name, ServeConfig(checkpoint=checkpoint, max_batch=max_batch, compile=compile)
-    )
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", server
-
-
-def resident_mib(field: str = "VmRSS") -> float:
-    """This process's resident memory (VmRSS now, or VmHWM: the peak) from /proc, in MiB; nan off Linux. glibc's
-    free lists are returned to the system first (malloc_trim), so what remains is memory still held."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+def resident_mib(pid: int, field: str = "VmRSS") -> float:
+    """Process `pid`'s resident memory (VmRSS now, or VmHWM: the peak) from /proc, in MiB; nan off Linux."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
@@ -119,21 +124,31 @@ def main() -> None:
     parser.add_argument("--max_tokens", type=int, default=32)
     parser.add_argument("--max_batch", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="8 requests of 8 tokens per level")
-    parser.add_argument("--compile", action="store_true", help="the in-process server decodes with compiled steps (serve --compile true)")
+    parser.add_argument("--compile", action="store_true", help="the started server decodes with compiled steps (serve --compile true)")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.max_tokens = 8, 8
     url, headers = args.url, {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    server = None
     if url is None:
-        url, _ = start_server(args.checkpoint, args.max_batch, args.compile)
-    in_process = args.url is None
+        url, server = start_server(args.checkpoint, args.max_batch, args.compile)
+    try:
+        measure(url, headers, args, server.pid if server else None)
+    finally:
+        if server is not None:
+            server.terminate()  # SIGTERM: the server stops as on Ctrl-C
+            server.wait(timeout=30)
+
+
+def measure(url: str, headers: dict, args: argparse.Namespace, pid: int | None) -> None:
+    rss = (lambda field="VmRSS": resident_mib(pid, field)) if pid else (lambda field="VmRSS": float("nan"))
     run_level(url, headers, 1, 1, 4)  # warm-up
-    before = resident_mib()
+    before = rss()
     print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'tokens/s':>9} {'p50 s':>7} {'p99 s':>7} {'errors':>6} {'RSS MiB':>8}")
     rows = []
     for clients in [*args.clients, max(args.clients), max(args.clients)]:  # the largest level 3 times: memory must not grow
         row = run_level(url, headers, clients, max(1, args.requests // clients), args.max_tokens)
-        row["rss_mib"] = resident_mib() if in_process else float("nan")
+        row["rss_mib"] = rss()
         rows.append(row)
         print(
             f"{row['clients']:>7} {row['requests']:>8} {row['requests_per_s']:>7.2f} {row['tokens_per_s']:>9.1f} "
@@ -144,10 +159,10 @@ def main() -> None:
         gain = rows[-1]["tokens_per_s"] / one["tokens_per_s"]
         print(f"batching gain: {max(args.clients)} clients give {gain:.2f}x the tokens/s of one client (target >= 4x)")
     print(f"errors in all: {sum(r['errors'] for r in rows)}")
-    if in_process:
+    if pid:
         repeats = ", ".join(f"{r['rss_mib']:.0f}" for r in rows[-3:])
         print(
-            f"server memory: {before:.0f} MiB after warm-up; {repeats} MiB after each run of the largest level; peak {resident_mib('VmHWM'):.0f} MiB"
+            f"server memory: {before:.0f} MiB after warm-up; {repeats} MiB after each run of the largest level; peak {rss('VmHWM'):.0f} MiB"
         )
 
 
