@@ -167,15 +167,17 @@ def main() -> None:
         from transformers import CompileConfig
 
         from x_llama.generation import left_pad
-        from x_llama.model import DECODE_COMPILE_OPTIONS, decode_mm_limits
+        from x_llama.model import decode_compile_options, decode_mm_limits, mm_pass_limits
 
         ids, mask = left_pad(model_prompts, pad_id=0)
         kwargs = {}
         if compile:  # the static cache, compiled (on CPU only when told to), with our step's inductor options
-            config = CompileConfig(fullgraph=True, dynamic=False, mode=None, options=DECODE_COMPILE_OPTIONS)
+            options = decode_compile_options(len(model_prompts))
+            config = CompileConfig(fullgraph=True, dynamic=False, mode=None, options=options)
             config._compile_all_devices = True
             kwargs = dict(cache_implementation="static", compile_config=config)
-        with torch.no_grad(), decode_mm_limits() if compile else contextlib.nullcontext():  # our step's limits
+        limits = mm_pass_limits(decode_mm_limits(len(model_prompts))) if compile else contextlib.nullcontext()
+        with torch.no_grad(), limits:  # our step's limits
             out = hf.generate(
                 **kwargs,
                 input_ids=ids,

@@ -37,7 +37,7 @@ from transformers import CompileConfig
 from common import MODES, interleaved, peaks, precision
 from x_llama import Llama, LlamaConfig, generate, lm_loss
 from x_llama.hf import to_hf
-from x_llama.model import DECODE_COMPILE_OPTIONS, decode_mm_limits
+from x_llama.model import decode_compile_options, decode_mm_limits, mm_pass_limits
 from x_llama.train import training_flops_per_token
 
 warnings.filterwarnings("ignore")
@@ -112,12 +112,12 @@ def hf_decode(model, prompts: torch.Tensor, new: int, cache_implementation: str 
     if cache_implementation:
         kwargs["cache_implementation"] = cache_implementation
     if compile:  # generate compiles the decoding forward with a static cache; on CPU only when told to
-        config = CompileConfig(fullgraph=True, dynamic=False, mode=None, options=DECODE_COMPILE_OPTIONS)
+        config = CompileConfig(fullgraph=True, dynamic=False, mode=None, options=decode_compile_options(len(prompts)))
         config._compile_all_devices = True
         kwargs["compile_config"] = config
 
     def run():
-        with decode_mm_limits() if compile else contextlib.nullcontext():  # the limits our compiled step uses
+        with mm_pass_limits(decode_mm_limits(len(prompts))) if compile else contextlib.nullcontext():  # our step's limits
             return model.generate(prompts, attention_mask=torch.ones_like(prompts), **kwargs)
 
     return run

@@ -76,23 +76,27 @@ def test_compiled_decode_equals_eager_and_follows_new_weights(tiny_model, tiny_c
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
 
 
-def test_compiled_step_decomposes_batched_products_and_restores_the_limits(tiny_model):
-    """At batch 4 every linear layer's (4, K) x (K, N) product is compiled as a multiply and a sum (inductor's
-    decompose_mm_pass under `decode_mm_limits`; its default limit is one row), and the pass's limits are inductor's
+def test_compiled_step_decomposes_thin_products_and_restores_the_limits():
+    """A compiled step rewrites a linear layer's (rows, K) x (K, N) product as a multiply and a sum (inductor's
+    decompose_mm_pass under `decode_mm_limits(rows)`; inductor's default is one row and N <= 2,048): at 1 row every
+    product, the 3,000-word output layer included; at 4 rows all but the output layer. The pass's limits are inductor's
     again afterwards, for the process's other graphs. Compiled afresh: a cached graph would skip the passes."""
     from torch._dynamo.utils import counters
     from torch._inductor.fx_passes import decompose_mem_bound_mm as mm_pass
 
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=3000, max_seq_len=64)).eval()
+    linear_layers = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     defaults = (mm_pass.cpu_max_first_dimension_decomposition, mm_pass.cpu_max_other_dimension_decomposition)
-    counters.clear()
-    with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
-        logits = tiny_model.decode_step(torch.ones(4, 1, dtype=torch.long), tiny_model.new_cache(4, 40), compile=True)
-    with torch.no_grad():
-        expected = tiny_model(torch.ones(4, 1, dtype=torch.long), cache=tiny_model.new_cache(4, 40))[:, -1]
-    assert_close(logits, expected, atol=1e-5, rtol=1e-5)
-    linear_layers = sum(isinstance(m, torch.nn.Linear) for m in tiny_model.modules())
-    assert counters["inductor"]["decompose_mm"] == linear_layers
-    assert (mm_pass.cpu_max_first_dimension_decomposition, mm_pass.cpu_max_other_dimension_decomposition) == defaults
+    for rows, decomposed in ((1, linear_layers), (4, linear_layers - 1)):
+        counters.clear()
+        with torch._inductor.config.patch(fx_graph_cache=False), torch._functorch.config.patch(enable_autograd_cache=False):
+            logits = model.decode_step(torch.ones(rows, 1, dtype=torch.long), model.new_cache(rows, 40), compile=True)
+        with torch.no_grad():
+            expected = model(torch.ones(rows, 1, dtype=torch.long), cache=model.new_cache(rows, 40))[:, -1]
+        assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+        assert counters["inductor"]["decompose_mm"] == decomposed
+        assert (mm_pass.cpu_max_first_dimension_decomposition, mm_pass.cpu_max_other_dimension_decomposition) == defaults
 
 
 def test_decode_step_refuses_what_it_does_not_run(tiny_model):

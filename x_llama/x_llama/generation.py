@@ -112,9 +112,10 @@ def _decode(
     use_cache: bool,
     generator: torch.Generator | None,
     compile: bool = False,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (next tokens (B,), their log-probs (B,)) step by step until max_new_tokens or every row hit EOS.
-    compile=True decodes with `Llama.decode_step`'s compiled graph (needs the cache)."""
+    logprobs: bool = True,
+) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Yield (next tokens (B,), their log-probs (B,), or None with logprobs=False) step by step until max_new_tokens
+    or every row hit EOS. compile=True decodes with `Llama.decode_step`'s compiled graph (needs the cache)."""
     check_prompts(model, prompts, max_new_tokens)
     if compile and not use_cache:
         raise ValueError("compile=True decodes with the KV cache; set use_cache=True")
@@ -135,8 +136,10 @@ def _decode(
             logits = model(tokens, attention_mask=mask, last_only=True)[:, -1]
         for step in range(max_new_tokens):
             next_token = sample_next(logits, temperature, top_k, top_p, generator)
-            scaled = logits.float() / (temperature if temperature > 0 else 1.0)
-            logprob = scaled.log_softmax(-1).gather(-1, next_token[:, None]).squeeze(-1)
+            logprob = None
+            if logprobs:  # a log-softmax over the vocabulary: skipped when nobody reads it
+                scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+                logprob = scaled.log_softmax(-1).gather(-1, next_token[:, None]).squeeze(-1)
             yield next_token, logprob
             if eos_id is not None:
                 finished |= next_token == eos_id
@@ -172,19 +175,18 @@ def generate(
     """New tokens for each prompt (a batch, left-padded internally), each row cut after its first EOS (kept).
     compile=True runs each decoding step as one compiled graph (`Llama.decode_step`; the first call compiles)."""
     steps_tokens, steps_logprobs = [], []
-    for next_token, logprob in _decode(model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, compile):
+    for next_token, logprob in _decode(
+        model, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, compile, logprobs=return_logprobs
+    ):
         steps_tokens.append(next_token)
         steps_logprobs.append(logprob)
     all_tokens = torch.stack(steps_tokens, 1).tolist()  # (B, steps)
+    kept = [row.index(eos_id) + 1 if eos_id is not None and eos_id in row else len(row) for row in all_tokens]  # up to the first EOS
+    out_tokens = [row[:n] for row, n in zip(all_tokens, kept)]
+    if not return_logprobs:
+        return out_tokens
     all_logprobs = torch.stack(steps_logprobs, 1).tolist()
-    out_tokens, out_logprobs = [], []
-    for row_tokens, row_logprobs in zip(all_tokens, all_logprobs):
-        if eos_id is not None and eos_id in row_tokens:
-            cut = row_tokens.index(eos_id) + 1
-            row_tokens, row_logprobs = row_tokens[:cut], row_logprobs[:cut]
-        out_tokens.append(row_tokens)
-        out_logprobs.append(row_logprobs)
-    return Generation(out_tokens, out_logprobs) if return_logprobs else out_tokens
+    return Generation(out_tokens, [row[:n] for row, n in zip(all_logprobs, kept)])
 
 
 def stream_generate(
@@ -200,7 +202,9 @@ def stream_generate(
     compile: bool = False,
 ) -> Iterator[int]:
     """Yield the new tokens of one prompt as they are decoded (the EOS, if reached, is yielded last)."""
-    for next_token, _ in _decode(model, [prompt], max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, compile):
+    for next_token, _ in _decode(
+        model, [prompt], max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator, compile, logprobs=False
+    ):
         yield int(next_token[0])
 
 

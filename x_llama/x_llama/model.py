@@ -389,7 +389,7 @@ class Llama(nn.Module):
         cos, sin = self._rope(positions, 1) if config.position == "rope" else (None, None)  # (B, 1, 1, d) each
         slot = torch.tensor([cache.length], device=tokens.device)
         cache.key_mask[:, cache.length] = True
-        step = _compiled_step_graph() if compile else Llama._step_graph
+        step = _compiled_step_graph(tokens.shape[0]) if compile else Llama._step_graph
         logits = step(self, tokens, cache, slot, cos, sin)
         cache.length += 1
         cache.next_position += 1
@@ -477,45 +477,62 @@ class Llama(nn.Module):
         return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, d)
 
 
+def _compiled_step_graph(rows: int):
+    """`Llama._step_graph` compiled for steps of `rows` rows, under `decode_mm_limits(rows)`."""
+    return _compiled_step_graph_with(tuple(decode_mm_limits(rows).items()))
+
+
 @functools.cache
-def _compiled_step_graph():
-    """`Llama._step_graph` compiled once per process (inductor recompiles it for each new model shape, batch size
-    and cache length; models of one shape share it: their weights are inputs of the graph, not constants, so a
-    policy being trained, as in PPO, decodes with its current weights). Called under `decode_mm_limits()`.
+def _compiled_step_graph_with(limits: tuple[tuple[str, int], ...]):
+    """`Llama._step_graph` compiled once per process and set of limits (inductor recompiles it for each new model
+    shape, batch size and cache length; models of one shape share it: their weights are inputs of the graph, not
+    constants, so a policy being trained, as in PPO, decodes with its current weights).
 
     inductor's `decompose_mm_pass` turns each (M, K) x (K, N) product of decoding, M = the batch size, into a
     multiply and a sum that its own kernel spreads over the threads; the matrix library runs such a thin product on
-    one thread, and a decoding step is mostly the time to read the weights. Measured on 2 threads, `cpu` preset,
-    256-slot cache, medians of 7 x 30 steps (ms per step, eager / compiled with the pass's default limits M <= 1,
-    N <= 2048 / compiled with ours, M <= 16, N <= 16384, which take in the output layer): batch 1 4.5 / 1.44 / 1.26,
-    batch 2 5.1 / 3.00 / 2.36, batch 4 5.9 / 4.57 / 1.90, batch 8 5.6 / 4.97 / 3.20, batch 16 7.2 / 6.21 / 4.58.
+    one thread, and a decoding step is mostly the time to read the weights. `decode_mm_limits` says which products.
 
     `recompile_limit` raises dynamo's default of 8 graphs per function, past which a fullgraph compile fails outright:
     a server compiles one graph per batch size (4 at compile_max_rows 8), generate one per rounded cache length."""
-    compiled = torch.compile(Llama._step_graph, fullgraph=True, dynamic=False, options=DECODE_COMPILE_OPTIONS, recompile_limit=64)
+    limits = dict(limits)
+    options = {"post_grad_fusion_options": {"decompose_mm_pass": limits}}  # in inductor's cache key
+    compiled = torch.compile(Llama._step_graph, fullgraph=True, dynamic=False, options=options, recompile_limit=64)
 
     def step(*args):
-        with decode_mm_limits():  # a call compiles when it meets a new shape
+        with mm_pass_limits(limits):  # a call compiles when it meets a new shape
             return compiled(*args)
 
     return step
 
 
-DECODE_MM_LIMITS = {"cpu_max_first_dimension_decomposition": 16, "cpu_max_other_dimension_decomposition": 16384}
-DECODE_COMPILE_OPTIONS = {"post_grad_fusion_options": {"decompose_mm_pass": DECODE_MM_LIMITS}}  # inductor options of the step
+def decode_mm_limits(rows: int) -> dict[str, int]:
+    """The `decompose_mm_pass` limits of a compiled decoding step of `rows` rows: products of up to 16 rows (the
+    batch) with up to 16,384 outputs at one row, so the output layer is included, and up to 2,048 (inductor's default)
+    at more rows, where the output layer runs faster as a matrix-library product. inductor's own CPU limits are 1 row
+    and 2,048 outputs. Graph time, `cpu` preset (4,096-word output layer), 192-slot cache, 2 threads, medians of
+    7 x 50 steps, three runs each, 2026-12-05 (ms; N <= 16,384 / N <= 2,048): batch 1 0.87-0.92 / 0.92-1.00, batch 2
+    1.27-1.45 / 1.24-1.34, batch 4 1.59-1.64 / 1.52-1.68, batch 8 2.40-2.48 / 2.13-2.49, batch 16 4.13-4.24 /
+    3.55-3.59. Decomposing 24 or 32 rows is slower than the matrix library (batch 32: 6.5 against 4.1-4.3 ms)."""
+    return {"cpu_max_first_dimension_decomposition": 16, "cpu_max_other_dimension_decomposition": 16384 if rows == 1 else 2048}
+
+
+def decode_compile_options(rows: int) -> dict:
+    """inductor options that give a decoding graph of `rows` rows the same limits (for a reference model compiled
+    under `mm_pass_limits(decode_mm_limits(rows))`, as the benchmarks do)."""
+    return {"post_grad_fusion_options": {"decompose_mm_pass": decode_mm_limits(rows)}}
 
 
 @contextlib.contextmanager
-def decode_mm_limits():
-    """Compile decoding graphs with `DECODE_MM_LIMITS`. inductor (torch 2.13, fx_passes/decompose_mem_bound_mm.py) reads
-    the pass's size limits once, when it imports the pass's module, not from each compile's options, so they are set on
-    the module here and restored after: other graphs of the process (compiled training, where a product with 16 rows
-    is not memory-bound) keep the defaults. `DECODE_COMPILE_OPTIONS` carries the same limits, which puts them in
+def mm_pass_limits(limits: dict[str, int]):
+    """Compile with these `decompose_mm_pass` limits. inductor (torch 2.13, fx_passes/decompose_mem_bound_mm.py) reads
+    the pass's size limits once, when it imports the pass's module, not from each compile's options, so they are set
+    on the module here and restored after: other graphs of the process (compiled training, where a product with 16
+    rows is not memory-bound) keep the defaults. The compile options carry the same limits, which puts them in
     inductor's cache key: a graph cached under other limits is not reused."""
     from torch._inductor.fx_passes import decompose_mem_bound_mm as mm_pass
 
-    saved = {name: getattr(mm_pass, name) for name in DECODE_MM_LIMITS}
-    for name, value in DECODE_MM_LIMITS.items():
+    saved = {name: getattr(mm_pass, name) for name in limits}
+    for name, value in limits.items():
         setattr(mm_pass, name, value)
     try:
         yield
