@@ -74,9 +74,12 @@ class DiffusionConfig(AxonConfig):
     prediction: str = "eps"  # the network predicts eps (the paper), x0, or v (Salimans & Ho 2022)
     loss: str = "simple"  # "simple" (L_simple, eq. 14) or "simple_vlb" (L_simple + vlb_weight * L_vlb, fixed variances)
     vlb_weight: float = 0.001
+    loss_weight: str = "uniform"  # "uniform" (L_simple, eq. 14) or "min_snr" (Hang et al. 2023: min(SNR_t, gamma) / SNR_t)
+    min_snr_gamma: float = 5.0
 
     def validate(self) -> None:
-        require_positive(self, "timesteps")
+        require_positive(self, "timesteps", "min_snr_gamma")
+        require_choice(self, "loss_weight", ("uniform", "min_snr"))
         require_choice(self, "schedule", ("linear", "cosine"))
         require_choice(self, "variance", ("fixedlarge", "fixedsmall"))
         require_choice(self, "prediction", ("eps", "x0", "v"))

@@ -84,6 +84,8 @@ class GaussianDiffusion(nn.Module):
         prediction: str = "eps",
         loss: str = "simple",
         vlb_weight: float = 0.001,
+        loss_weight: str = "uniform",
+        min_snr_gamma: float = 5.0,
     ):
         super().__init__()
         if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
@@ -97,7 +99,10 @@ class GaussianDiffusion(nn.Module):
         if loss not in ("simple", "simple_vlb"):
             raise ValueError(f"loss must be 'simple' or 'simple_vlb', got {loss!r}")
         self.variance, self.clip_denoised, self.prediction = variance, clip_denoised, prediction
+        if loss_weight not in ("uniform", "min_snr"):
+            raise ValueError(f"loss_weight must be 'uniform' or 'min_snr', got {loss_weight!r}")
         self.loss_type, self.vlb_weight = loss, vlb_weight
+        self.loss_weight, self.min_snr_gamma = loss_weight, min_snr_gamma
         self.num_timesteps = T = betas.shape[0]
 
         betas = betas.double()
@@ -114,6 +119,7 @@ class GaussianDiffusion(nn.Module):
             "abar": abar,
             "abar_prev": abar_prev,
             "abar_ext": torch.cat([torch.ones(1, dtype=torch.float64), abar]),  # abar_ext[t + 1]; index 0 = "t = -1" -> 1
+            "snr": abar / (1.0 - abar),  # SNR_t = abar_t / (1 - abar_t)
             "sqrt_abar": abar.sqrt(),
             "sqrt_one_minus_abar": (1.0 - abar).sqrt(),
             "sqrt_recip_abar": (1.0 / abar).sqrt(),
@@ -138,6 +144,8 @@ class GaussianDiffusion(nn.Module):
             prediction=config.prediction,
             loss=config.loss,
             vlb_weight=config.vlb_weight,
+            loss_weight=config.loss_weight,
+            min_snr_gamma=config.min_snr_gamma,
         )
 
     # ---- helpers ------------------------------------------------------------------------------------------------
@@ -353,12 +361,27 @@ class GaussianDiffusion(nn.Module):
         output = model(x_t, t)
         mse = _mean_flat((self.training_target(x0, noise, t) - output.float()) ** 2)
         terms = {"mse": mse.detach(), "t": t}
-        loss = mse
+        loss = mse if self.loss_weight == "uniform" else self.min_snr_weight(t) * mse
         if self.loss_type == "simple_vlb":
             vlb = self.vlb_term_bpd(output.float(), x0, x_t, t)
             terms["vlb"] = vlb.detach()
             loss = loss + self.vlb_weight * self.num_timesteps * vlb
         return loss.mean(), terms
+
+    def min_snr_weight(self, t: Tensor) -> Tensor:
+        """(B,) Min-SNR-gamma loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+        Strategy", section 3.4): the weight of the x0 error, min(SNR_t, gamma), expressed for the network's target.
+        The eps error is the x0 error times SNR_t, so w = min(SNR_t, gamma) / SNR_t; the v error is it times
+        SNR_t + 1, so w = min(SNR_t, gamma) / (SNR_t + 1); for x0, w = min(SNR_t, gamma). With eps, the weight is 1 where
+        SNR_t <= gamma (the noisy steps) and gamma / SNR_t below: the nearly clean steps, whose targets conflict least
+        with the others', count less. Not in the DDPM paper (a deviation, off by default)."""
+        snr = self.snr[t]
+        clipped = snr.clamp(max=self.min_snr_gamma)
+        if self.prediction == "eps":
+            return (clipped / snr).float()
+        if self.prediction == "v":
+            return (clipped / (snr + 1.0)).float()
+        return clipped.float()
 
     @torch.no_grad()
     def bits_per_dim(

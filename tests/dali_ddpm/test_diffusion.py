@@ -555,3 +555,27 @@ def test_mismatched_shapes_are_refused():
         d.q_sample(torch.zeros(2, 1, 4, 4), t, torch.zeros(2, 1, 4, 5))
     with pytest.raises(ValueError, match="must have the shape of x_t"):
         d.p_mean_variance(torch.zeros(2, 1, 4, 5), torch.zeros(2, 1, 4, 4), t)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_weighting_uses_diffusers_snr(prediction):
+    """Min-SNR-gamma (Hang et al. 2023): each sample's squared error weighted by min(SNR_t, 5) / SNR_t (eps),
+    min(SNR_t, 5) / (SNR_t + 1) (v) or min(SNR_t, 5) (x0), with SNR_t from diffusers' `compute_snr` on the same
+    schedule. For eps, the noisiest steps (SNR_t <= 5) keep weight 1 and the cleanest get gamma / SNR_t << 1."""
+    from diffusers.training_utils import compute_snr
+
+    ours, theirs = _pair("fixedlarge", True, prediction)
+    weighted = GaussianDiffusion(beta_schedule("linear", T), prediction=prediction, loss_weight="min_snr", min_snr_gamma=5.0)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(5, 1, 4, 4, generator=g) * 2 - 1
+    noise, output = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 10, 100, 500, 999])
+    _, terms = ours.training_loss(lambda x_t, s: output, x0, t, noise)
+    loss, _ = weighted.training_loss(lambda x_t, s: output, x0, t, noise)
+    snr = compute_snr(theirs, t).double()
+    weight = snr.clamp(max=5.0) / {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[prediction]
+    assert_close(loss.double(), (weight * terms["mse"].double()).mean(), rtol=1e-5, atol=1e-7)
+    if prediction == "eps":
+        assert weight[-2:].tolist() == [1.0, 1.0] and weight[0] < 1e-3
+    with pytest.raises(ValueError, match="loss_weight"):
+        GaussianDiffusion(beta_schedule("linear", T), loss_weight="snr")
