@@ -35,15 +35,16 @@ def sample_grid(model: UNet, diffusion: GaussianDiffusion, n: int, steps: int, s
 
 @torch.no_grad()
 def validation_loss(model, diffusion: GaussianDiffusion, x0: torch.Tensor, seed: int, batch_size: int = 256) -> float:
-    """L_simple on a fixed set of images, timesteps and noise (comparable across evaluations)."""
+    """L_simple (eq. 14, unweighted) on a fixed set of images, timesteps and noise: comparable across evaluations, and
+    across runs whatever their training loss (Min-SNR weights, an added L_vlb term)."""
     generator = torch.Generator().manual_seed(seed)
     t = torch.randint(0, diffusion.num_timesteps, (x0.shape[0],), generator=generator)
     noise = torch.randn(x0.shape, generator=generator)
     total = 0.0
     for i in range(0, x0.shape[0], batch_size):
         sl = slice(i, i + batch_size)
-        loss, _ = diffusion.training_loss(model, x0[sl], t[sl].to(x0.device), noise[sl].to(x0.device))
-        total += loss.item() * x0[sl].shape[0]
+        _, terms = diffusion.training_loss(model, x0[sl], t[sl].to(x0.device), noise[sl].to(x0.device))
+        total += terms["mse"].sum().item()
     return total / x0.shape[0]
 
 

@@ -136,3 +136,20 @@ def test_demo_writes_a_report_without_nan(tmp_path):
     assert "nan" not in report.lower()
     assert "| FID-C, DDIM 4 steps eta 1, 8 samples |" in report
     assert (out / "samples.png").is_file() and (out / "loss.png").is_file()
+
+
+def test_validation_loss_is_unweighted_l_simple_whatever_the_training_weights():
+    """Runs trained with Min-SNR weights report the same validation number as uniform ones: plain L_simple on the
+    fixed images, timesteps and noise (not the weighted objective, which is smaller and not comparable)."""
+    from dali_ddpm.train import validation_loss
+
+    x0 = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    model = lambda x_t, t: 0.3 * x_t
+    uniform = GaussianDiffusion(beta_schedule("linear", 1000))
+    min_snr = GaussianDiffusion(beta_schedule("linear", 1000), loss_weight="min_snr")
+    expected = validation_loss(model, uniform, x0, seed=5, batch_size=4)
+    assert validation_loss(model, min_snr, x0, seed=5, batch_size=4) == pytest.approx(expected, rel=1e-6)
+    generator = torch.Generator().manual_seed(5)
+    t, noise = torch.randint(0, 1000, (6,), generator=generator), torch.randn(x0.shape, generator=generator)
+    x_t = uniform.q_sample(x0, t, noise)
+    assert expected == pytest.approx(((noise - 0.3 * x_t) ** 2).mean().item(), rel=1e-5)
