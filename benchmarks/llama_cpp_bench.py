@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from common import interleaved
 from x_llama.config import DataConfig
 from x_llama.data import batch_at, step_seed, token_stream
-from x_llama.export import export_gguf
+from x_llama.export import export_gguf, open_in_llama_cpp
 from x_llama.generation import generate
 from x_llama.train import load_pretrained
 
@@ -39,6 +39,7 @@ def main() -> None:
 
     import llama_cpp
 
+    amx = b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()  # open_in_llama_cpp turns repacking off there
     from axon_shared.checkpoint import load_checkpoint, run_checkpoints
 
     torch.set_num_threads(args.threads)
@@ -73,7 +74,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in ("f32", "f16", "q8_0"):
             file = export_gguf(model, tokenizer, Path(tmp) / f"model-{dtype}.gguf", dtype)
-            llm = llama_cpp.Llama(str(file), n_ctx=config.max_seq_len, logits_all=True, verbose=False, n_threads=args.threads, seed=0)
+            llm = open_in_llama_cpp(file, config.max_seq_len, n_threads=args.threads, logits_all=True, verbose=False, seed=0)
 
             def logits_of(ids, llm=llm):
                 llm.reset()
@@ -91,6 +92,7 @@ def main() -> None:
             llm.close()
 
     print(f"{args.run}: {model.num_parameters() / 1e6:.2f}M parameters, batch 1, {new} greedy tokens, {args.threads} threads")
+    print(f"llama.cpp: {llama_cpp.llama_print_system_info().decode().strip()}; repacking {'off (AMX build)' if amx else 'on'}")
     print(f"ours (float32 eager): valid perplexity {ours_ppl:.3f} on {args.windows} windows of {data.seq_len} tokens")
     eager, compiled, bf16 = new / ours_s, new / compiled_s, new / bf16_s
     print(f"ours, tokens/s: fp32 eager {eager:.0f}, fp32 compiled {compiled:.0f} ({compiled / eager:.2f}x), bf16 compiled {bf16:.0f}")

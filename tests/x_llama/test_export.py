@@ -17,7 +17,7 @@ from axon_shared.config import ConfigError
 from x_llama.cli import main
 from x_llama.config import ExportConfig
 from x_llama.data import load_documents
-from x_llama.export import export_gguf
+from x_llama.export import export_gguf, open_in_llama_cpp
 from x_llama.generation import generate
 from x_llama.hf import load_meta_checkpoint
 from x_llama.train import load_pretrained
@@ -54,7 +54,7 @@ def normal_texts(n: int) -> list[str]:
 
 
 def cpp_model(path, n_ctx: int):
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, seed=0)
+    return open_in_llama_cpp(path, n_ctx, n_threads=2, logits_all=True, verbose=False, seed=0)
 
 
 def cpp_logits(llm, ids: list[int]) -> torch.Tensor:
@@ -136,6 +136,22 @@ def test_meta_export_round_trips(trained_run, tmp_path):
     x = torch.randint(3, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close(loaded(x), model(x))
+
+
+def test_open_in_llama_cpp_turns_repacking_off_for_one_call(trained_run, tmp_path):
+    """repack=False reaches llama.cpp's model parameters, and the library's defaults are left as they were."""
+    model, tokenizer, config = load_pretrained(trained_run)
+    path = export_gguf(model, tokenizer, tmp_path / "model.gguf", "q8_0")
+    for repack in (False, True):
+        if repack and b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
+            continue  # the crash open_in_llama_cpp avoids (llama.cpp issue #20824)
+        llm = open_in_llama_cpp(path, config.max_seq_len, repack=repack, verbose=False)
+        try:
+            assert llm.model_params.use_extra_bufts is repack
+            assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True
+            assert cpp_logits(llm, tokenizer.encode("And the LORD said", bos=True)).isfinite().all()
+        finally:
+            llm.close()
 
 
 def test_export_config_names_the_bad_field():
