@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from common import interleaved
 from x_llama.config import DataConfig
 from x_llama.data import batch_at, step_seed, token_stream
-from x_llama.export import export_gguf, open_in_llama_cpp
+from x_llama.export import export_gguf, llama_cpp_has_amx, open_in_llama_cpp
 from x_llama.generation import generate
 from x_llama.train import load_pretrained
 
@@ -39,7 +39,6 @@ def main() -> None:
 
     import llama_cpp
 
-    amx = b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()  # open_in_llama_cpp turns repacking off there
     from axon_shared.checkpoint import load_checkpoint, run_checkpoints
 
     torch.set_num_threads(args.threads)
@@ -92,7 +91,9 @@ def main() -> None:
             llm.close()
 
     print(f"{args.run}: {model.num_parameters() / 1e6:.2f}M parameters, batch 1, {new} greedy tokens, {args.threads} threads")
-    print(f"llama.cpp: {llama_cpp.llama_print_system_info().decode().strip()}; repacking {'off (AMX build)' if amx else 'on'}")
+    print(
+        f"llama.cpp: {llama_cpp.llama_print_system_info().decode().strip()}; repacking {'off (AMX build)' if llama_cpp_has_amx() else 'on'}"
+    )
     print(f"ours (float32 eager): valid perplexity {ours_ppl:.3f} on {args.windows} windows of {data.seq_len} tokens")
     eager, compiled, bf16 = new / ours_s, new / compiled_s, new / bf16_s
     print(f"ours, tokens/s: fp32 eager {eager:.0f}, fp32 compiled {compiled:.0f} ({compiled / eager:.2f}x), bf16 compiled {bf16:.0f}")

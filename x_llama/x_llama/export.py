@@ -142,13 +142,20 @@ def export_gguf(model: Llama, tokenizer: Tokenizer, path: str | Path, dtype: str
     return path
 
 
+def llama_cpp_has_amx() -> bool:
+    """Whether the installed llama.cpp was built with AMX int8 (and so puts q8_0/f16 weights in its AMX buffer)."""
+    import llama_cpp.llama_cpp as bindings
+
+    return b"AMX_INT8 = 1" in bindings.llama_print_system_info()
+
+
 def open_in_llama_cpp(path: str | Path, n_ctx: int, n_threads: int = 2, repack: bool | None = None, **kwargs):
     """Load a GGUF file in llama.cpp through llama-cpp-python (`llama_cpp.Llama(path, n_ctx=..., **kwargs)`).
 
     `repack`: whether llama.cpp may move weights into its "extra" CPU buffers (repacked layouts and, on CPUs with
     AMX, the AMX buffer; `--no-repack` in llama.cpp's own tools). None means yes, except where llama.cpp was built
     with AMX int8: there llama.cpp 0.3.36's AMX matrix product dies with SIGSEGV on the first q8_0 forward (seen on a
-    Sapphire-Rapids-class CPU, all our models; llama.cpp issue #20824, a machine-dependent crash that is not fixed
+    Sapphire-Rapids-class CPU, on the `cpu` run and the test models; llama.cpp issue #20824, a machine-dependent crash that is not fixed
     upstream). llama-cpp-python does not expose the switch (`llama_model_params.use_extra_bufts`), so it is set in the
     default parameters its constructor starts from, for this one call.
     """
@@ -156,7 +163,7 @@ def open_in_llama_cpp(path: str | Path, n_ctx: int, n_threads: int = 2, repack: 
     import llama_cpp.llama_cpp as bindings
 
     if repack is None:
-        repack = b"AMX_INT8 = 1" not in bindings.llama_print_system_info()
+        repack = not llama_cpp_has_amx()
     default_params = bindings.llama_model_default_params
 
     def params_without_extra_buffers():
