@@ -145,7 +145,7 @@ def test_open_in_llama_cpp_turns_repacking_off_for_one_call(trained_run, tmp_pat
     for repack in (False, True):
         if repack and llama_cpp_has_amx():
             continue  # the crash open_in_llama_cpp avoids (llama.cpp issue #20824)
-        llm = open_in_llama_cpp(path, config.max_seq_len, repack=repack, verbose=False)
+        llm = open_in_llama_cpp(path, config.max_seq_len, repack=repack, logits_all=True, verbose=False)
         try:
             assert llm.model_params.use_extra_bufts is repack
             assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True
