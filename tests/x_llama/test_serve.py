@@ -146,9 +146,10 @@ def test_requests_join_a_batch_that_is_decoding(served, client, http):
     assert [first, second, third] == [reference(served, p, m) for p, m in ((PROMPTS[7], 60), (LONG_PROMPT, 20), (PROMPTS[4], 10))]
 
 
-def drive(engine: Engine, plan: dict[int, list[tuple[list[int], int]]]) -> tuple[list[Job], list[tuple[int, int, int]]]:
+def drive(engine: Engine, plan: dict[int, list[tuple[list[int], int]]]) -> tuple[list[Job], list[tuple[int, int, int, int]]]:
     """Run the engine step by step (no thread, no HTTP), submitting the plan's (prompt, max_tokens) requests at their
-    steps; returns the jobs and, after each decoding step, (cache length, cache rows, active rows)."""
+    steps; returns the jobs and, after each decoding step, (cache length, cache rows, active rows, address of the
+    cache's keys)."""
     loop = asyncio.new_event_loop()
     jobs, trace = [], []
     with torch.inference_mode():
@@ -162,7 +163,7 @@ def drive(engine: Engine, plan: dict[int, list[tuple[list[int], int]]]) -> tuple
             if engine.rows:
                 engine._step()
                 cache = engine.cache
-                trace.append((cache.length, cache.batch_size, len(engine.rows)) if cache is not None else (0, 0, 0))
+                trace.append((cache.length, cache.batch_size, len(engine.rows), cache.k.data_ptr()) if cache is not None else (0, 0, 0, 0))
             if step > max(plan) and not engine.rows and not engine.waiting:
                 break
     loop.close()
@@ -194,7 +195,7 @@ def test_engine_rows_joining_leaving_and_compacting_equal_generate(served):
     _, model, tokenizer, _ = served
     engine = Engine(model, tokenizer, max_batch=3)
     jobs, trace = drive(engine, engine_plan(tokenizer))
-    assert engine.stats["max_rows"] == 3 and max(length for length, _, _ in trace) <= model.config.max_seq_len
+    assert engine.stats["max_rows"] == 3 and max(length for length, *_ in trace) <= model.config.max_seq_len
     assert_rows_equal_generate(jobs, model, tokenizer)
 
 
@@ -213,8 +214,30 @@ def test_compiled_engine_pads_rows_compiles_at_start_and_equals_generate(served)
     graphs = counters["stats"]["unique_graphs"]
     jobs, trace = drive(engine, engine_plan(tokenizer))
     assert counters["stats"]["unique_graphs"] == graphs, "a decoding step compiled after warm_up"
-    assert {(rows, active) for _, rows, active in trace} >= {(1, 1), (2, 2), (4, 3), (5, 5)}  # 3 rows padded to 4; 5 eager
+    assert {(rows, active) for _, rows, active, _ in trace} >= {(1, 1), (2, 2), (4, 3), (5, 5)}  # 3 rows padded to 4; 5 eager
     assert engine.stats["joined_while_decoding"] >= 2
+    assert_rows_equal_generate(jobs, model, tokenizer)
+
+
+def test_compiled_engine_decodes_joining_rows_in_free_rows_without_copying_the_cache(served):
+    """Rows leave and join while 3-4 rows are active, which a compiled graph of 4 rows holds: a finished row's cache
+    row stays in place (free: decoded, logits unread) and a joining request is written into it, so the cache is never
+    reallocated. The joiners land in rows that held other requests (a short prompt, and a long one that shifts the
+    running rows right), and every row's tokens still equal `generate` alone: the old keys are masked."""
+    _, model, tokenizer, _ = served
+    engine = Engine(model, tokenizer, max_batch=4, compile=True, compile_max_rows=4)
+    engine.warm_up()
+    encode = lambda text: tokenizer.encode(text, bos=True)
+    plan = {
+        0: [(encode("Q"), 6), (encode("Call me"), 40), (encode("The"), 45)],
+        1: [(encode("Once upon"), 12)],
+        10: [(encode("And the LORD said"), 8)],
+        16: [(encode(LONG_PROMPT), 15)],
+    }
+    jobs, trace = drive(engine, plan)
+    assert [rows for _, rows, _, _ in trace[:25]] == [4] * 25 and {active for _, _, active, _ in trace[:25]} == {3, 4}
+    assert len({address for _, rows, _, address in trace if rows == 4}) == 1, "the cache was copied while its rows fit one graph"
+    assert engine.stats["joined_while_decoding"] == 3
     assert_rows_equal_generate(jobs, model, tokenizer)
 
 

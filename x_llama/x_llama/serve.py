@@ -7,17 +7,20 @@ events), POST /input (praxis style: {"prompt", transformers generate() keyword a
 
 Batching (`Engine`): one thread owns the model and one `KVCache` whose rows are the sequences being decoded (the
 main thread under `x-llama serve`, see `serve_command`; a thread of its own under `create_app`'s default). Each loop iteration (1) drops rows whose client went away, (2) prefills every waiting request that fits
-(left-padded, in one forward) and merges its rows into the running cache, (3) runs one decode step for all rows.
-So a request arriving while others decode joins at the next step (continuous batching). The cache's slot axis is
-shared by all rows (`KVCache.length`): a row occupies the slots [length - used, length), its pad slots are False
-in `key_mask` and it keeps its own RoPE position (`next_position`), so every row decodes as it would alone
-(`test_serve.py` checks greedy outputs against `generate`). Merging right-aligns the two caches (shifting the
-shorter one right); when the slots run out the cache is compacted (shifted left by the free prefix all rows share).
+(left-padded, in one forward) and writes its rows into free rows of the running cache, (3) runs one decode step
+for all rows. So a request arriving while others decode joins at the next step (continuous batching). The cache's
+slot axis is shared by all rows (`KVCache.length`): a row occupies the slots [length - used, length), its earlier
+slots are False in `key_mask` and it keeps its own RoPE position (`next_position`), so every row decodes as it would
+alone (`test_serve.py` checks greedy outputs against `generate`). A joining row is right-aligned on that axis (the
+running rows shift right for a longer prompt); when the slots run out the cache is compacted (shifted left by the
+free prefix all rows share).
 
 With `--compile true` each decoding step of up to `compile_max_rows` rows runs as one compiled graph
-(`Llama.decode_step`), whose shapes are fixed: the rows are padded to the next power of two (or compile_max_rows)
-with rows nobody reads, so a server compiles log2(compile_max_rows) + 1 graphs or fewer, all of them when it starts
-(`Engine.warm_up`). Larger batches, and the prefill of new requests (whose length varies with each prompt), run
+(`Llama.decode_step`), whose shapes are fixed: the cache has the next power of two (or compile_max_rows) rows, the
+ones no request holds being free rows that are decoded and never read, so a server compiles log2(compile_max_rows) + 1
+graphs or fewer, all of them when it starts (`Engine.warm_up`). A row that finishes frees its cache row in place and
+a joining request is written into a free row (`_place`): the cache is copied only when the active rows cross into
+another batch size. Larger batches, and the prefill of new requests (whose length varies with each prompt), run
 eagerly: the compiled step attends over all of the cache's slots and pads the rows, which costs more than it saves
 once a step is mostly matrix products (README, "Serving").
 """
@@ -124,6 +127,7 @@ class Row:
     text: str = ""
     emitted: str = ""
     used: int = 0  # cache slots this row fills (prompt + fed tokens)
+    slot: int = -1  # the cache row it decodes in (Engine.slots)
     last_token: int = 0  # sampled, not yet fed
     finished: bool = False
 
@@ -186,9 +190,9 @@ def _select(cache: KVCache, rows: list[int]) -> KVCache:
 
 
 def _pad_rows(cache: KVCache, size: int) -> KVCache:
-    """The cache with rows added up to `size` (a compiled step's batch size). The added rows are decoded and never
-    read: zero keys and values, every slot masked (decode_step unmasks each new slot, so no row's softmax is
-    empty), RoPE position 0. Their logits are dropped, and `_select` drops the rows when the membership changes."""
+    """The cache with free rows added up to `size` (a compiled step's batch size). A free row is decoded and never
+    read: zero keys and values, every slot masked (decode_step unmasks each new slot, so no row's softmax is empty),
+    RoPE position 0. Its logits are dropped, and a joining request is written into it (`_place`)."""
     extra = size - cache.batch_size
     if extra <= 0:
         return cache
@@ -205,13 +209,17 @@ def batch_sizes(max_batch: int) -> list[int]:
     return [2**i for i in range(max_batch.bit_length()) if 2**i < max_batch] + [max_batch]
 
 
-def _concat(a: KVCache, b: KVCache) -> KVCache:
-    """Rows of a then rows of b, right-aligned on the same slot axis."""
-    length = max(a.length, b.length)
-    _shift_right(a, length - a.length)
-    _shift_right(b, length - b.length)
-    cat = torch.cat
-    return _rebuild(a, cat((a.k, b.k), 1), cat((a.v, b.v), 1), cat((a.key_mask, b.key_mask)), cat((a.next_position, b.next_position)))
+def _place(cache: KVCache, rows: list[int], new: KVCache) -> None:
+    """Write the rows of `new` (a prefill's cache, new.length <= cache.length) into the free rows `rows` of `cache`, in
+    place and right-aligned on its slot axis: their slots [length - new.length, length) take the new keys, values and
+    key mask, every earlier slot is masked, and they take the new rows' RoPE positions. Nothing else is copied."""
+    index = torch.tensor(rows, device=cache.k.device)
+    start, end, filled = cache.length - new.length, cache.length, new.length
+    cache.k[:, index, :, start:end] = new.k[:, :, :, :filled]  # (L, rows, H_kv, filled, d)
+    cache.v[:, index, :, start:end] = new.v[:, :, :, :filled]
+    cache.key_mask[index] = False
+    cache.key_mask[index, start:end] = new.key_mask[:, :filled]
+    cache.next_position[index] = new.next_position
 
 
 class Engine:
@@ -236,8 +244,9 @@ class Engine:
         self.compile = compile
         self.sizes = batch_sizes(min(max_batch, compile_max_rows)) if compile else []  # the compiled step's batch sizes
         self.device = model.tok_embeddings.weight.device
-        self.rows: list[Row] = []
+        self.rows: list[Row] = []  # the active rows, in the order they were admitted
         self.cache: KVCache | None = None
+        self.slots: list[Row | None] = []  # per cache row: the row decoding there, or None (a free row)
         self.waiting: collections.deque[Job] = collections.deque()
         self.condition = threading.Condition()
         self.stopping = False
@@ -309,7 +318,7 @@ class Engine:
                     for job in jobs.values():
                         job.emit(("error", f"generation failed: {type(error).__name__}: {error}"))
                     with self.condition:
-                        self.rows, self.cache = [], None
+                        self.rows, self.cache, self.slots = [], None, []
         with self.condition:
             for job in list(self.waiting) + [r.job for r in self.rows]:
                 job.emit(("error", "the server is shutting down"))
@@ -334,46 +343,60 @@ class Engine:
             free -= job.n
         return admitted
 
+    def _capacity(self, rows: int) -> int:
+        """How many cache rows `rows` active rows take: the smallest compiled batch size that holds them (the rest are
+        free rows), or exactly `rows` when the step runs eagerly (no compile, or more than compile_max_rows)."""
+        return next((size for size in self.sizes if size >= rows), rows)
+
     def _prefill(self, jobs: list[Job]) -> None:
+        """Prefill the admitted requests in one left-padded forward, write their rows into free cache rows (growing
+        the cache only when too few are free), and sample their first tokens."""
         rows = [row for job in jobs for row in job.rows]
         tokens, mask = left_pad([row.prompt for row in rows], device=self.device)
-        cache = self.model.new_cache(len(rows))
-        logits = self.model(tokens, cache=cache, attention_mask=mask, last_only=True)[:, -1]
+        prefill = self.model.new_cache(len(rows))
+        logits = self.model(tokens, cache=prefill, attention_mask=mask, last_only=True)[:, -1]  # (new rows, V)
         for row in rows:
             row.used = len(row.prompt)
             row.prefix = self.tokenizer.decode(row.prompt)
         with self.condition:
-            if self.cache is None:
-                self.cache = _rebuild(cache, cache.k, cache.v, cache.key_mask, cache.next_position)
+            if self.cache is None:  # an idle engine: start from a cache of no rows, grown below
+                empty = self.model.new_cache(0)
+                self.cache, self.slots = _rebuild(empty, empty.k, empty.v, empty.key_mask, empty.next_position), []
             else:
                 self.stats["joined_while_decoding"] += len(jobs)
-                if self.cache.batch_size > len(self.rows):  # drop the compiled step's padding rows
-                    self.cache = _select(self.cache, list(range(len(self.rows))))
                 self._compact()
-                self.cache = _concat(self.cache, cache)
+            free = [i for i, row in enumerate(self.slots) if row is None]
+            if len(free) < len(rows):  # grow (a copy): the next compiled batch size, or the exact eager count
+                size = self._capacity(len(self.rows) + len(rows))
+                free += range(len(self.slots), size)
+                self.cache, self.slots = _pad_rows(self.cache, size), self.slots + [None] * (size - len(self.slots))
+            _shift_right(self.cache, prefill.length - self.cache.length)  # a longer prompt: the running rows move right
+            _place(self.cache, free[: len(rows)], prefill)
+            for slot, row in zip(free, rows):
+                row.slot, self.slots[slot] = slot, row
             self.rows += rows
             self.stats["prefills"] += 1
             self.stats["max_rows"] = max(self.stats["max_rows"], len(self.rows))
-        self._sample(logits, rows)
+        self._sample(logits, rows, range(len(rows)))
         self._remove_finished()
 
     def _step(self) -> None:
+        """One decoding step for every cache row (free rows included, their logits unread); sample the active rows."""
         self._compact()
-        tokens = torch.tensor([[row.last_token] for row in self.rows], device=self.device)  # (rows, 1)
-        rows = len(self.rows)
-        if self.sizes and rows <= self.sizes[-1]:  # compiled: pad to the graph's batch size, drop the padding's logits
-            size = next(size for size in self.sizes if size >= rows)
-            self.cache = _pad_rows(self.cache, size)
-            tokens = torch.cat((tokens, tokens.new_zeros(size - rows, 1)))  # (size, 1)
-            logits = self.model.decode_step(tokens, self.cache, compile=True)[:rows]
-        else:  # (a cache with padding rows has <= sizes[-1] rows: only a prefill, which drops them, adds rows)
+        tokens = torch.tensor([[row.last_token if row else 0] for row in self.slots], device=self.device)  # (cache rows, 1)
+        if self.sizes and self.cache.batch_size <= self.sizes[-1]:  # one compiled graph at this batch size
+            free = [slot for slot, row in enumerate(self.slots) if row is None]
+            if free:  # a free row's RoPE position restarts at 0, so it never runs past the table
+                self.cache.next_position[free] = 0
+            logits = self.model.decode_step(tokens, self.cache, compile=True)
+        else:  # eager: the cache holds exactly the active rows
             logits = self.model(tokens, cache=self.cache)[:, -1]
         for row in self.rows:
             row.used += 1
         if self.step_delay:
             time.sleep(self.step_delay)
         self.stats["steps"] += 1
-        self._sample(logits, self.rows)
+        self._sample(logits, self.rows, [row.slot for row in self.rows])
         self._remove_finished()
 
     def _compact(self) -> None:
@@ -382,16 +405,28 @@ class Engine:
             _shift_left(self.cache, self.cache.length - max(row.used for row in self.rows))
 
     def _remove_finished(self) -> None:
-        keep = [i for i, row in enumerate(self.rows) if not row.finished]
-        if len(keep) == len(self.rows):
+        """Free the cache rows of finished rows in place. The cache is copied only when the active rows fit a smaller
+        capacity (a smaller compiled batch size, or one row fewer in an eager step): then they move to the front."""
+        if not any(row.finished for row in self.rows):
             return
         with self.condition:
-            self.cache = _select(self.cache, keep) if keep else None
-            self.rows = [self.rows[i] for i in keep]
+            for row in self.rows:
+                if row.finished:
+                    self.slots[row.slot] = None
+            self.rows = [row for row in self.rows if not row.finished]
+            if not self.rows:
+                self.cache, self.slots = None, []
+            elif self._capacity(len(self.rows)) < self.cache.batch_size:
+                size = self._capacity(len(self.rows))
+                self.cache = _pad_rows(_select(self.cache, [row.slot for row in self.rows]), size)
+                self.slots = self.rows + [None] * (size - len(self.rows))
+                for slot, row in enumerate(self.rows):
+                    row.slot = slot
 
-    def _sample(self, logits: Tensor, rows: list[Row]) -> None:
-        """Sample each row's next token with its own parameters and generator; report text and finish."""
-        for i, row in enumerate(rows):
+    def _sample(self, logits: Tensor, rows: list[Row], index) -> None:
+        """Sample each row's next token (its logits: logits[index[i]]) with its own parameters and generator; report
+        text and finish."""
+        for i, row in zip(index, rows):
             params = row.sampling
             row_logits = logits[i : i + 1]
             token = sample_next(row_logits, params.temperature, params.top_k, params.top_p, row.generator)
