@@ -12,6 +12,11 @@ points at one already running (then --api_key if it has one).
     python benchmarks/serve_bench.py --quick                         # smoke run
     python benchmarks/serve_bench.py --compile                       # each decoding step compiled (serve --compile true)
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --clients 1 8 32
+    python benchmarks/serve_bench.py --compile --compare_with /tmp/axon_old    # A/B against another checkout's engine
+
+--compare_with CHECKOUT starts a second server whose x_llama and axon_shared come from CHECKOUT (e.g.
+`git worktree add /tmp/axon_old HEAD~1`), alternates the two servers' levels over --rounds rounds, and prints each
+side's tokens/s range and the per-round ratio (this tree / CHECKOUT).
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ PROMPTS = (
 )
 
 
-def start_server(checkpoint: str, max_batch: int, compile: bool = False) -> tuple[str, subprocess.Popen]:
+def start_server(checkpoint: str, max_batch: int, compile: bool = False, checkout: str | None = None) -> tuple[str, subprocess.Popen]:
     """`x-llama serve` in a child process on a free port; returns its URL once /health answers (a compiling server
-    first warms up its graphs, ~20 s for the `cpu` preset)."""
+    first warms up its graphs, ~20 s for the `cpu` preset). With `checkout`, the server imports x_llama and
+    axon_shared from that checkout instead of the installed ones."""
     with socket.socket() as sock:  # a free port (released just before the server binds it)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -49,6 +55,8 @@ def start_server(checkpoint: str, max_batch: int, compile: bool = False) -> tupl
     command += ["--checkpoint", checkpoint, "--port", str(port), "--max_batch", str(max_batch), "--log_level", "warning"]
     command += ["--compile", "true"] if compile else []
     env = {**os.environ, "AXON_API_KEY": ""}  # no key: the benchmark sends none
+    if checkout is not None:
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(checkout) / package) for package in ("x_llama", "shared"))
     server = subprocess.Popen(command, env=env)
     url, deadline = f"http://127.0.0.1:{port}", time.time() + 600
     while True:
@@ -125,10 +133,14 @@ def main() -> None:
     parser.add_argument("--max_batch", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="8 requests of 8 tokens per level")
     parser.add_argument("--compile", action="store_true", help="the started server decodes with compiled steps (serve --compile true)")
+    parser.add_argument("--compare_with", default=None, help="a checkout whose engine is served as the baseline (A/B)")
+    parser.add_argument("--rounds", type=int, default=7, help="A/B rounds (with --compare_with)")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.max_tokens = 8, 8
     url, headers = args.url, {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if args.compare_with is not None:
+        return compare(args)
     server = None
     if url is None:
         url, server = start_server(args.checkpoint, args.max_batch, args.compile)
@@ -138,6 +150,39 @@ def main() -> None:
         if server is not None:
             server.terminate()  # SIGTERM: the server stops as on Ctrl-C
             server.wait(timeout=30)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """A/B: this tree's server against `args.compare_with`'s, both started here, their levels alternated (the order
+    flips each round, so drift of the machine's speed hits both sides)."""
+    servers = {
+        "baseline": start_server(args.checkpoint, args.max_batch, args.compile, checkout=args.compare_with),
+        "this tree": start_server(args.checkpoint, args.max_batch, args.compile),
+    }
+    tokens = {(name, clients): [] for name in servers for clients in args.clients}
+    try:
+        for url, _ in servers.values():
+            run_level(url, {}, 1, 1, 4)  # warm-up
+        for round_index in range(args.rounds):
+            order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
+            for name in order:
+                for clients in args.clients:
+                    row = run_level(servers[name][0], {}, clients, max(1, args.requests // clients), args.max_tokens)
+                    if row["errors"]:
+                        raise SystemExit(f"{name}: {row['errors']} requests failed at {clients} clients")
+                    tokens[name, clients].append(row["tokens_per_s"])
+                    print(f"round {round_index} {name:>9} {clients:>3} clients: {row['tokens_per_s']:.0f} tokens/s", flush=True)
+    finally:
+        for _, process in servers.values():
+            process.terminate()
+            process.wait(timeout=30)
+    for clients in args.clients:
+        base, ours = tokens["baseline", clients], tokens["this tree", clients]
+        ratios = sorted(b / a for a, b in zip(base, ours))
+        print(
+            f"{clients} clients: baseline {min(base):.0f}-{max(base):.0f}, this tree {min(ours):.0f}-{max(ours):.0f} tokens/s; "
+            f"per-round ratio {ratios[0]:.3f}-{ratios[-1]:.3f}, median {statistics.median(ratios):.3f}"
+        )
 
 
 def measure(url: str, headers: dict, args: argparse.Namespace, pid: int | None) -> None:

@@ -416,8 +416,7 @@ class Engine:
             self.rows = [row for row in self.rows if not row.finished]
             if not self.rows:
                 self.cache, self.slots = None, []
-            elif self._capacity(len(self.rows)) < self.cache.batch_size:
-                size = self._capacity(len(self.rows))
+            elif (size := self._capacity(len(self.rows))) < self.cache.batch_size:
                 self.cache = _pad_rows(_select(self.cache, [row.slot for row in self.rows]), size)
                 self.slots = self.rows + [None] * (size - len(self.rows))
                 for slot, row in enumerate(self.rows):
