@@ -62,6 +62,29 @@ def test_noam_schedule_values():
     assert schedule(2000) == pytest.approx(schedule(4000) / 2)  # linear warm-up
 
 
+def test_noam_cooldown_ramps_eq3_linearly_to_zero_over_the_last_steps():
+    plain = NoamSchedule(d_model=256, warmup=300, factor=0.3)
+    cooled = NoamSchedule(d_model=256, warmup=300, factor=0.3, total=3400, cooldown=800)
+    for step in (1, 300, 1000, 2600):  # before the cooldown: eq. 3 unchanged
+        assert cooled(step) == plain(step)
+    for step in (2601, 2800, 3000, 3399, 3400):  # then eq. 3 times the fraction of the cooldown still to go
+        assert cooled(step) == pytest.approx(plain(step) * (3400 - step + 1) / 800)
+    assert cooled(3400) == pytest.approx(plain(3400) / 800)  # the last update still moves the weights
+    assert cooled(3401) == 0.0
+    with pytest.raises(ValueError, match="cooldown"):
+        NoamSchedule(d_model=256, total=100, cooldown=101)
+
+
+def test_training_loop_follows_the_cooldown_schedule(tmp_path):
+    """`train.cooldown_steps` reaches the optimizer: the lr logged at each step is the schedule's, ending at 1/N of eq. 3."""
+    config = run_config(tmp_path, 5).replace(train=dict(cooldown_steps=3, eval_every=5, checkpoint_every=5))
+    train(config)
+    logged = {row["step"]: row["lr"] for row in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "lr" in row}
+    plain = NoamSchedule(d_model=config.model.d_model, warmup=10)
+    assert sorted(logged) == [1, 2, 3, 4, 5]
+    assert [logged[s] for s in range(1, 6)] == pytest.approx([plain(1), plain(2), plain(3), plain(4) * 2 / 3, plain(5) / 3])
+
+
 def test_gradient_accumulation_weighs_every_target_token_the_same(tmp_path):
     """Through the training loop with token_loss + target_tokens: micro-batches of 9 and 17 target tokens give the
     gradient of the label-smoothed loss summed over the whole step / 26 tokens. (With Adam betas 0 and eps = lr =

@@ -93,6 +93,7 @@ class TrainSection(axon_training.TrainSection):
     batch_size: int = 4096  # tokens per micro-batch: sentences * longest (source or target + 1) among them (section 5.1)
     lr: float | None = None  # the peak, reached at warmup_steps; null = the paper's d_model^-0.5 * warmup_steps^-0.5
     warmup_steps: int = 4000
+    cooldown_steps: int = 0  # not in the paper: the lr ramps linearly to zero over the last N of `steps` (0 = eq. 3 alone)
     grad_clip: float = 0.0  # the paper does not clip
     beta2: float = 0.98
     eps: float = 1e-9
@@ -106,6 +107,7 @@ class TrainSection(axon_training.TrainSection):
         super().validate()
         require(self.warmup_steps > 0, self, "warmup_steps", "must be > 0 (the Noam schedule divides by it)")
         require(self.eval_bleu_sentences >= 0, self, "eval_bleu_sentences", "must be >= 0")
+        require(0 <= self.cooldown_steps <= self.steps, self, "cooldown_steps", f"must be in [0, steps={self.steps}] (0 = no cooldown)")
 
 
 @dataclass

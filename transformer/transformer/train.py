@@ -29,20 +29,34 @@ class NoamSchedule:
     """lrate = factor * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)  (Vaswani et al. 2017, eq. 3).
 
     Linear warm-up for `warmup` steps, then decay with the inverse square root of the step; the peak, reached at
-    step = warmup, is factor * (d_model * warmup)^-0.5. Steps count from 1."""
+    step = warmup, is factor * (d_model * warmup)^-0.5. Steps count from 1.
+
+    Deviation (off by default, `cooldown` = 0): over the last `cooldown` of `total` steps, eq. 3 is multiplied by
+    (total - step + 1) / cooldown, a linear ramp to zero, the "cooldown" of warmup-stable-decay schedules (Hagele et
+    al. 2024). Eq. 3 alone never anneals: at step s it is still sqrt(warmup / s) of the peak (0.3 at the end of the `cpu`
+    preset's 30 minutes without a cooldown)."""
 
     d_model: int
     warmup: int = 4000
     factor: float = 1.0
+    total: int = 0
+    cooldown: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cooldown and not 0 < self.cooldown <= self.total:
+            raise ValueError(f"NoamSchedule: cooldown={self.cooldown} must be in [1, total={self.total}] (or 0 for none)")
 
     def __call__(self, step: int) -> float:
         step = max(step, 1)
-        return self.factor * self.d_model**-0.5 * min(step**-0.5, step * self.warmup**-1.5)
+        lrate = self.factor * self.d_model**-0.5 * min(step**-0.5, step * self.warmup**-1.5)
+        if self.cooldown:
+            lrate *= min(1.0, max(0, self.total - step + 1) / self.cooldown)
+        return lrate
 
     @classmethod
-    def with_peak(cls, d_model: int, warmup: int, peak: float | None) -> NoamSchedule:
+    def with_peak(cls, d_model: int, warmup: int, peak: float | None, total: int = 0, cooldown: int = 0) -> NoamSchedule:
         """The schedule whose peak is `peak` (None: the paper's, factor 1)."""
-        return cls(d_model, warmup, 1.0 if peak is None else peak * (d_model * warmup) ** 0.5)
+        return cls(d_model, warmup, 1.0 if peak is None else peak * (d_model * warmup) ** 0.5, total, cooldown)
 
 
 def token_loss(model: Transformer, batch: tuple[Tensor, Tensor, Tensor], config: TransformerConfig) -> tuple[Tensor, dict[str, Tensor]]:
@@ -120,7 +134,7 @@ def train(config: TrainConfig) -> dict[str, float]:
                 bleu_sentences=tc.eval_bleu_sentences,
             )
 
-        schedule = NoamSchedule.with_peak(mc.d_model, tc.warmup_steps, tc.lr)
+        schedule = NoamSchedule.with_peak(mc.d_model, tc.warmup_steps, tc.lr, tc.steps, tc.cooldown_steps)
         return trainer.fit(
             model,
             loss=lambda model, b: token_loss(model, b, mc),
