@@ -238,14 +238,17 @@ def run_checkpoints(path: str | Path, *, last: int = 1, name: str | None = None)
     return path, found[-last:]
 
 
-def average_checkpoints(paths: list[str | Path]) -> dict[str, torch.Tensor]:
-    """Element-wise mean of the model tensors of several checkpoints (Vaswani et al. 6.1), accumulated in float64."""
+def average_checkpoints(paths: list[str | Path], part: str = "model") -> dict[str, torch.Tensor]:
+    """Element-wise mean of the model tensors of several checkpoints (Vaswani et al. 6.1), accumulated in float64.
+    part="ema": the mean of their EMA weights instead."""
     if not paths:
         raise ValueError("average_checkpoints needs at least one checkpoint")
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for path in paths:
-        model = load_checkpoint(path).tensors.get("model", {})
+        model = load_checkpoint(path).tensors.get(part, {})
+        if not model:
+            raise CheckpointError(f"{path} holds no '{part}' tensors; cannot average them")
         if total and set(model) != set(total):
             raise CheckpointError(f"{path}: its tensors differ from the first checkpoint's; cannot average")
         for name, tensor in model.items():

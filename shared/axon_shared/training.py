@@ -283,6 +283,11 @@ class Trainer:
             else:
                 ckpt.restore(optimizer=self.optimizer, rng=False)
             if ema is not None:
+                if "ema" not in ckpt.tensors:
+                    raise ConfigError(
+                        f"{self.name}: the checkpoint to resume from (step {ckpt.step} in {self.out_dir}) holds no EMA weights, so the run "
+                        "trained without an EMA; resume it without one, or start a new run (another --train.out_dir) with it"
+                    )
                 ckpt.restore(ema=ema, rng=False)
             for key, obj in state.items():
                 obj.load_state_dict(ckpt.extra["state"][key])

@@ -96,6 +96,12 @@ def test_runtime_errors_are_one_line(run_dir, tmp_path):
         main(["translate", "--run_dir", str(tmp_path / "other"), "Hi"])
 
 
+def test_use_ema_on_a_run_without_an_ema_names_the_fix(run_dir):
+    for command in (["evaluate", "--limit", "2"], ["translate", "Hi"], ["average"], ["export", "--out", str(run_dir / "marian_ema")]):
+        with pytest.raises(SystemExit, match=rf"^transformer {command[0]}: error: .*holds no (EMA weights|'ema' tensors)"):
+            main([command[0], "--run_dir", str(run_dir), "--use_ema", "true", *command[1:]])
+
+
 def test_average_command(run_dir):
     from axon_shared.checkpoint import load_checkpoint
 

@@ -243,3 +243,40 @@ def test_translator_bad_input(tmp_path):
     assert all(isinstance(o, str) for o in out)  # unknown characters (unk) and over-long input still translate
     assert any("truncated" in str(w.message) for w in caught)
     assert translator.translate([], beam_size=4) == []
+
+
+def test_ema_of_the_weights_follows_every_step_and_is_checkpointed(tmp_path):
+    """`train.ema_decay`: after optimizer step k the shadow is d_k * shadow + (1 - d_k) * weights, with the warm-up
+    rule d_k = min(decay, k / (9 + k)); it is saved in every checkpoint, validated beside the trained weights, and
+    `load_model(use_ema=True)` / `average_checkpoints(part="ema")` read it."""
+    from transformer.inference import load_model
+
+    config = run_config(tmp_path, 4).replace(train=dict(ema_decay=0.99, checkpoint_every=1, eval_every=4))
+    train(config)
+    ckpts = {k: load_checkpoint(tmp_path / "checkpoints" / f"step_{k:08d}.safetensors") for k in (3, 4)}
+    decay = min(0.99, 4 / (9 + 4))
+    for name, weights in ckpts[4].tensors["model"].items():
+        expected = decay * ckpts[3].tensors["ema"][name] + (1 - decay) * weights.float()
+        assert_close(ckpts[4].tensors["ema"][name], expected)
+    moved = [name for name, t in ckpts[4].tensors["model"].items() if not torch.equal(t, ckpts[4].tensors["ema"][name])]
+    assert moved, "the EMA equals the trained weights: it was not averaged"
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    final = next(r for r in rows if r["step"] == 4 and "valid/nll" in r)
+    assert {"valid/nll_ema", "valid/bleu_ema"} <= set(final) and final["valid/nll_ema"] != final["valid/nll"]
+    model, _, _ = load_model(tmp_path, use_ema=True)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, ckpts[4].tensors["ema"][name]), name
+    averaged = average_checkpoints([ckpts[3].path, ckpts[4].path], part="ema")
+    assert_close(averaged[moved[0]], (ckpts[3].tensors["ema"][moved[0]] + ckpts[4].tensors["ema"][moved[0]]) / 2)
+
+
+def test_a_run_without_ema_refuses_ema_weights_and_an_ema_on_resume(tmp_path):
+    from axon_shared.checkpoint import CheckpointError
+    from axon_shared.config import ConfigError
+    from transformer.inference import load_model
+
+    train(run_config(tmp_path, 3))
+    with pytest.raises(CheckpointError, match="no EMA weights.*--use_ema false"):
+        load_model(tmp_path, use_ema=True)
+    with pytest.raises(ConfigError, match="holds no EMA weights"):
+        train(run_config(tmp_path, 6).replace(train=dict(ema_decay=0.99)))

@@ -94,6 +94,10 @@ class TrainSection(axon_training.TrainSection):
     lr: float | None = None  # the peak, reached at warmup_steps; null = the paper's d_model^-0.5 * warmup_steps^-0.5
     warmup_steps: int = 4000
     cooldown_steps: int = 0  # not in the paper: the lr ramps linearly to zero over the last N of `steps` (0 = eq. 3 alone)
+    # not in the paper: an exponential moving average of the weights (decay per step; 0 = none), checkpointed beside them,
+    # a running form of section 6.1's checkpoint averaging; `evaluate`/`translate`/`export --use_ema true` use it
+    ema_decay: float = 0.0
+    ema_warmup: bool = True  # decay_n = min(ema_decay, (1 + n) / (10 + n)): early on the average covers the last ~10% of steps
     grad_clip: float = 0.0  # the paper does not clip
     beta2: float = 0.98
     eps: float = 1e-9
@@ -108,6 +112,7 @@ class TrainSection(axon_training.TrainSection):
         require(self.warmup_steps > 0, self, "warmup_steps", "must be > 0 (the Noam schedule divides by it)")
         require(self.eval_bleu_sentences >= 0, self, "eval_bleu_sentences", "must be >= 0")
         require(0 <= self.cooldown_steps <= self.steps, self, "cooldown_steps", f"must be in [0, steps={self.steps}] (0 = no cooldown)")
+        require(0.0 <= self.ema_decay < 1.0, self, "ema_decay", "must be in [0, 1) (0 = no EMA; 0.998 averages over ~500 steps)")
 
 
 @dataclass
@@ -175,6 +180,7 @@ class EvaluateConfig(AxonConfig):
     run_dir: str = "runs/transformer/cpu"
     checkpoint: str = ""  # a .safetensors file; default: the latest in run_dir/checkpoints
     average_last: int = 1  # average the last N checkpoints (the paper: 5 for base)
+    use_ema: bool = False  # the EMA weights of a run trained with train.ema_decay > 0 (false: the trained weights)
     split: str = "test"
     limit: int = 0  # evaluate the first N sentences only (0 = all)
     beam_size: int = 4
@@ -198,6 +204,7 @@ class TranslateConfig(AxonConfig):
     run_dir: str = "runs/transformer/cpu"
     checkpoint: str = ""
     average_last: int = 1
+    use_ema: bool = False  # the EMA weights of a run trained with train.ema_decay > 0 (false: the trained weights)
     text: tuple[str, ...] = ()  # also given as positional arguments; empty: read stdin
     beam_size: int = 4
     alpha: float = 0.6
@@ -215,6 +222,7 @@ class AverageConfig(AxonConfig):
 
     run_dir: str = "runs/transformer/cpu"
     last: int = 5
+    use_ema: bool = False  # the EMA weights of a run trained with train.ema_decay > 0 (false: the trained weights)
     out: str = ""  # default: run_dir/checkpoints/averaged.safetensors
 
     def validate(self) -> None:
@@ -229,6 +237,7 @@ class ExportConfig(AxonConfig):
     run_dir: str = "runs/transformer/cpu"
     checkpoint: str = ""  # a .safetensors file; default: the latest in run_dir/checkpoints
     average_last: int = 1  # export the mean of the last N checkpoints (section 6.1)
+    use_ema: bool = False  # the EMA weights of a run trained with train.ema_decay > 0 (false: the trained weights)
     format: str = "marian"
     out: str = ""  # default: run_dir/marian
 

@@ -310,10 +310,10 @@ def export_marian(
 
 
 def export_command(cfg: ExportConfig) -> Path:
-    """`transformer export --run_dir RUN [--checkpoint FILE] [--average_last N] --format marian --out DIR`."""
+    """`transformer export --run_dir RUN [--checkpoint FILE] [--average_last N] [--use_ema true] --format marian --out DIR`."""
     from .inference import load_model
 
-    model, tokenizer, train_config = load_model(cfg.run_dir, cfg.checkpoint, cfg.average_last)
+    model, tokenizer, train_config = load_model(cfg.run_dir, cfg.checkpoint, cfg.average_last, use_ema=cfg.use_ema)
     check_marian(model.config)  # before any work
     out = Path(cfg.out) if cfg.out else Path(cfg.run_dir) / "marian"
     out, difference = export_marian(model, tokenizer, out, source_lang=train_config.data.src_lang, target_lang=train_config.data.tgt_lang)

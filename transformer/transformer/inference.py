@@ -9,7 +9,7 @@ from pathlib import Path
 import sacrebleu
 import torch
 
-from axon_shared.checkpoint import average_checkpoints, load_checkpoint, load_model_state, run_checkpoints
+from axon_shared.checkpoint import CheckpointError, average_checkpoints, load_checkpoint, load_model_state, run_checkpoints
 from axon_shared.tokenizer import Tokenizer, load_tokenizer
 
 from .config import TrainConfig, TransformerConfig
@@ -21,16 +21,20 @@ TOKENIZER_FILE = "spm.model"
 
 
 def load_model(
-    run_dir: str | Path, checkpoint: str = "", average_last: int = 1, device: str = "cpu"
+    run_dir: str | Path, checkpoint: str = "", average_last: int = 1, device: str = "cpu", use_ema: bool = False
 ) -> tuple[Transformer, Tokenizer, TrainConfig]:
     """The model of a run (eval mode) with its tokenizer and config. checkpoint="" takes the latest;
-    average_last=N > 1 loads the element-wise mean of the last N checkpoints instead (section 6.1)."""
+    average_last=N > 1 loads the element-wise mean of the last N checkpoints instead (section 6.1); use_ema=True
+    the exponential moving average of the weights that a run with train.ema_decay > 0 keeps in its checkpoints."""
     run_dir, paths = run_checkpoints(checkpoint or run_dir, last=average_last)
     ckpt = load_checkpoint(paths[-1])
+    part = "ema" if use_ema else "model"
+    if part not in ckpt.tensors:
+        raise CheckpointError(f"{paths[-1]} holds no EMA weights (its run trained with train.ema_decay 0); pass --use_ema false")
     model_config = ckpt.model_config(TransformerConfig)
     config = TrainConfig.from_saved({key: ckpt.config[key] for key in ("model", "data") if key in ckpt.config})
     model = Transformer(model_config)
-    state = average_checkpoints(paths) if len(paths) > 1 else ckpt.tensors["model"]
+    state = average_checkpoints(paths, part) if len(paths) > 1 else ckpt.tensors[part]
     load_model_state(model, state, source=paths[-1])
     tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
     check_tokenizer(tokenizer, model_config)
@@ -84,7 +88,7 @@ def translate_command(cfg) -> list[str]:
     from axon_shared.cli import text_argument
     from axon_shared.distributed import pick_device
 
-    model, tokenizer, _ = load_model(cfg.run_dir, cfg.checkpoint, cfg.average_last, str(pick_device(cfg.device)))
+    model, tokenizer, _ = load_model(cfg.run_dir, cfg.checkpoint, cfg.average_last, str(pick_device(cfg.device)), cfg.use_ema)
     texts = [text_argument(t) for t in cfg.text] if cfg.text else text_argument(None, "input").splitlines()
     outputs = Translator(model, tokenizer).translate(texts, beam_size=cfg.beam_size, alpha=cfg.alpha, batch_size=cfg.batch_size)
     for line in outputs:
@@ -101,7 +105,7 @@ def evaluate_command(cfg) -> dict:
 
     from .data import load_pairs
 
-    model, tokenizer, train_cfg = load_model(cfg.run_dir, cfg.checkpoint, cfg.average_last, str(pick_device(cfg.device)))
+    model, tokenizer, train_cfg = load_model(cfg.run_dir, cfg.checkpoint, cfg.average_last, str(pick_device(cfg.device)), cfg.use_ema)
     pairs = load_pairs(train_cfg.data, cfg.split)
     if cfg.limit:
         pairs = pairs[: cfg.limit]
@@ -113,6 +117,7 @@ def evaluate_command(cfg) -> dict:
         "corpora": list(train_cfg.data.corpora),
         "direction": f"{train_cfg.data.src_lang}->{train_cfg.data.tgt_lang}",
         "average_last": cfg.average_last,
+        "weights": "ema" if cfg.use_ema else "trained",
     }
     modes = ([("greedy", 1)] if cfg.greedy else []) + ([(f"beam{cfg.beam_size}", cfg.beam_size)] if cfg.beam_size > 1 else [])
     for name, beam in modes:
@@ -135,7 +140,7 @@ def average_command(cfg) -> Path:
     _, paths = run_checkpoints(cfg.run_dir, last=cfg.last)
     last = load_checkpoint(paths[-1])
     model = Transformer(last.model_config(TransformerConfig))
-    model.load_state_dict(average_checkpoints(paths))
+    model.load_state_dict(average_checkpoints(paths, "ema" if cfg.use_ema else "model"))
     out = Path(cfg.out) if cfg.out else Path(cfg.run_dir) / "averaged.safetensors"
     save_checkpoint(out, model=model, step=last.step, config=last.config, extra={"averaged": [p.name for p in paths]}, rng=False)
     print(f"averaged {len(paths)} checkpoints ({', '.join(p.name for p in paths)}) -> {out}")

@@ -3,7 +3,8 @@
 
 Adam (0.9, 0.98, 1e-9) with the Noam schedule (eq. 3), label smoothing 0.1 (section 5.4), batches of about
 `train.batch_size` tokens grouped by length (section 5.1), gradient accumulation in which every target token of the
-step weighs the same, DDP under torchrun, exact resume from the latest checkpoint in out_dir.
+step weighs the same, DDP under torchrun, exact resume from the latest checkpoint in out_dir. Two deviations, both off
+by default: a linear cooldown of the lr (`train.cooldown_steps`) and an EMA of the weights (`train.ema_decay`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from axon_shared.ema import EMA
 from axon_shared.training import Trainer, count_parameters
 
 from .config import TrainConfig, TransformerConfig
@@ -124,15 +126,25 @@ def train(config: TrainConfig) -> dict[str, float]:
         def batch(step: int, micro: int) -> tuple[Tensor, Tensor, Tensor]:
             return tuple(t.to(trainer.device) for t in collate(batches(step * tc.grad_accum + micro), mc))
 
+        # not in the paper: the EMA of the weights (train.ema_decay > 0), a running form of checkpoint averaging (6.1)
+        ema = EMA(model.to(trainer.device), tc.ema_decay, warmup=tc.ema_warmup) if tc.ema_decay > 0 else None  # shadows on the device
+
         def evaluate(model: Transformer, step: int) -> dict[str, float]:
-            return validate(
-                model,
-                valid_examples,
-                tokenizer,
-                [t for _, t in valid_pairs],
-                max_tokens=tc.batch_size * 2,
-                bleu_sentences=tc.eval_bleu_sentences,
-            )
+            def scores() -> dict[str, float]:
+                return validate(
+                    model,
+                    valid_examples,
+                    tokenizer,
+                    [t for _, t in valid_pairs],
+                    max_tokens=tc.batch_size * 2,
+                    bleu_sentences=tc.eval_bleu_sentences,
+                )
+
+            metrics = scores()
+            if ema is not None:
+                with ema.applied_to(model):
+                    metrics |= {f"{name}_ema": value for name, value in scores().items()}
+            return metrics
 
         schedule = NoamSchedule.with_peak(mc.d_model, tc.warmup_steps, tc.lr, tc.steps, tc.cooldown_steps)
         return trainer.fit(
@@ -140,9 +152,14 @@ def train(config: TrainConfig) -> dict[str, float]:
             loss=lambda model, b: token_loss(model, b, mc),
             batch=batch,
             evaluate=evaluate,
+            ema=ema,
             schedule=lambda step: schedule(step + 1),
             weight=lambda b: target_tokens(b, mc.pad_id),
             count=lambda b: target_tokens(b, mc.pad_id),
             unit="tokens",
-            plots={"loss.png": ("train/nll", "valid/nll"), "bleu.png": ("valid/bleu",), "lr.png": ("lr", "tokens_per_s")},
+            plots={
+                "loss.png": ("train/nll", "valid/nll") + (("valid/nll_ema",) if ema else ()),
+                "bleu.png": ("valid/bleu",) + (("valid/bleu_ema",) if ema else ()),
+                "lr.png": ("lr", "tokens_per_s"),
+            },
         )
