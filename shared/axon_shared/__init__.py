@@ -26,7 +26,7 @@ from .distributed import (
 )
 from .ema import EMA
 from .errors import AxonError, ConfigMismatchError, Interrupted, RunLockedError
-from .layers import attention, causal_mask, padding_mask, sinusoidal_embedding
+from .layers import Dropout, attention, causal_mask, dropout, padding_mask, sinusoidal_embedding
 from .metrics import MetricsLogger, plot_metrics, read_metrics
 from .progress import RunProgress, progress_bar
 from .schedules import CosineSchedule, WarmupConstantSchedule, set_lr

@@ -4,6 +4,8 @@
   timestep embedding (Ho et al. 2020, appendix B) are the same function with two layouts.
 - `attention`: scaled dot-product attention (Vaswani et al., eq. 1) over `F.scaled_dot_product_attention`,
   with grouped key/value heads (Ainslie et al. 2023).
+- `Dropout`: inverted dropout (Srivastava et al. 2014), the transformer's regulariser (Vaswani et al. 5.4) and
+  DDPM's (Ho et al. appendix B), with a cheaper random source on the CPU.
 
 Mask convention (one for the whole project): a boolean tensor broadcastable to (B, H, T_q, T_k) where
 **True means "may attend"**, exactly as `F.scaled_dot_product_attention` reads a boolean `attn_mask`.
@@ -17,7 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from einops import repeat
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def sinusoidal_embedding(
@@ -134,3 +136,46 @@ def attention_by_matmul(
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+
+
+# 16-bit random numbers: a drop probability p is rounded to a multiple of 1 / 65536 (0.05 -> 0.0500031)
+_DROPOUT_LEVELS = 1 << 16
+
+
+def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
+    """Inverted dropout: each element is zeroed with probability p and the others are scaled by 1 / (1 - p), so
+    E[dropout(x)] = x; identity when not training (Srivastava et al. 2014).
+
+    `F.dropout` on the CPU draws one 32-bit Mersenne-Twister number per element from the generator, serially: at the
+    transformer `cpu` preset's 2,000-token batches that is ~10 ms per call and 17 calls per step, whatever the number
+    of threads. Here one 64-bit draw (`random_` over the full int64 range, torch's own generator, so `torch.manual_seed`
+    and checkpointed RNG states govern it as before) gives four independent uniform 16-bit numbers u, and an
+    element is kept when u >= round(65536 p): ~3x faster. The deviation: p is used rounded to a multiple of 1/65536.
+    On other devices and inside a compiled graph (whose random numbers are already cheap) this is `F.dropout`."""
+    if not training or p == 0.0:
+        return x
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    threshold = round(p * _DROPOUT_LEVELS)
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or not 0 < threshold < _DROPOUT_LEVELS:
+        return F.dropout(x, p, training=True)
+    draws = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # the full 64-bit range
+    uniform16 = draws.view(torch.int16)[: x.numel()].view(x.shape)  # four uniform numbers in [-32768, 32767] per draw
+    keep = uniform16 >= threshold - _DROPOUT_LEVELS // 2  # P(keep) = 1 - threshold / 65536
+    return torch.where(keep, x * (1.0 / (1.0 - threshold / _DROPOUT_LEVELS)), 0.0)
+
+
+class Dropout(nn.Module):
+    """`nn.Dropout` with `dropout` above: the same module (train / eval), a cheaper random source on the CPU."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

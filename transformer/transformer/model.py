@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from axon_shared.layers import attention, padding_mask, sinusoidal_embedding
+from axon_shared.layers import Dropout, attention, padding_mask, sinusoidal_embedding
 
 from .config import TransformerConfig
 
@@ -78,7 +78,7 @@ class SublayerConnection(nn.Module):
     def __init__(self, config: TransformerConfig):
         super().__init__()
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.norm_first = config.norm_first
 
     def forward(self, x: Tensor, sublayer) -> Tensor:
@@ -165,7 +165,7 @@ class Transformer(nn.Module):
         d = config.d_model
         # One matrix for source embeddings, target embeddings and the pre-softmax projection (section 3.4).
         self.embedding = nn.Embedding(config.vocab_size, d, padding_idx=config.pad_id)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_decoder_layers))
         # pre-norm needs a final LayerNorm on each stack's output; post-norm already ends in one
