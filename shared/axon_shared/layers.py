@@ -146,11 +146,12 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
     """Inverted dropout: each element is zeroed with probability p and the others are scaled by 1 / (1 - p), so
     E[dropout(x)] = x; identity when not training (Srivastava et al. 2014).
 
-    `F.dropout` on the CPU draws one 32-bit Mersenne-Twister number per element from the generator, serially: at the
-    transformer `cpu` preset's 2,000-token batches that is ~10 ms per call and 17 calls per step, whatever the number
-    of threads. Here one 64-bit draw (`random_` over the full int64 range, torch's own generator, so `torch.manual_seed`
-    and checkpointed RNG states govern it as before) gives four independent uniform 16-bit numbers u, and an
-    element is kept when u >= round(65536 p): ~3x faster. The deviation: p is used rounded to a multiple of 1/65536.
+    `F.dropout` on the CPU draws one 32-bit Mersenne-Twister number per element from the generator, serially,
+    whatever the number of threads (12.8% of a transformer `cpu`-preset training step, 17 calls). Here one 64-bit draw
+    (`random_` over the full int64 range, torch's own generator, so `torch.manual_seed` and checkpointed RNG states
+    govern it as before) gives four independent uniform 16-bit numbers u, and an element is kept when
+    u >= round(65536 p); benchmarks/transformer_bench.py measures the gain (shared/README.md). The deviation: p is
+    used rounded to a multiple of 1/65536.
     On other devices and inside a compiled graph (whose random numbers are already cheap) this is `F.dropout`."""
     if not training or p == 0.0:
         return x
