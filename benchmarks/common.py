@@ -14,7 +14,17 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-MODES = ("fp32 eager", "bf16 eager", "bf16 compiled")
+from axon_shared.training import native_bf16
+
+# bf16 where the CPU multiplies it natively (AVX512 / AMX); on an AVX2-only CPU bf16 is emulated (~150x slower
+# matmuls), so its rows would measure the emulation: the compiled mode is then measured in float32 instead
+BF16 = native_bf16(torch.device("cpu"))
+MODES = ("fp32 eager", "bf16 eager", "bf16 compiled") if BF16 else ("fp32 eager", "fp32 compiled")
+if not BF16:
+    print(
+        f"note: this CPU ({torch.backends.cpu.get_cpu_capability()}) has no native bf16 matmul, so the bf16 modes are left out; "
+        "the compiled mode runs in float32"
+    )
 
 
 def precision(mode: str):
@@ -51,8 +61,8 @@ def matmul_peak(dtype: torch.dtype, size: int = 1024, repeats: int = 30) -> floa
 
 
 def peaks(size: int = 1024) -> dict[str, float]:
-    """The fp32 and bf16 matmul peaks of this machine, measured now."""
-    return {"fp32": matmul_peak(torch.float32, size), "bf16": matmul_peak(torch.bfloat16, size)}
+    """The fp32 and bf16 matmul peaks of this machine, measured now (bf16: NaN where it is emulated, see BF16)."""
+    return {"fp32": matmul_peak(torch.float32, size), "bf16": matmul_peak(torch.bfloat16, size) if BF16 else float("nan")}
 
 
 def counted_flops(step) -> float:

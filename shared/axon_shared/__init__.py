@@ -32,6 +32,6 @@ from .progress import RunProgress, progress_bar
 from .schedules import CosineSchedule, WarmupConstantSchedule, set_lr
 from .seed import capture_rng_state, restore_rng_state, seed_everything
 from .tokenizer import Tokenizer, TokenizerError, load_tokenizer, train_sentencepiece
-from .training import Trainer, TrainSection, batch_indices, bf16_autocast, count_parameters, decay_groups
+from .training import Trainer, TrainSection, batch_indices, bf16_autocast, count_parameters, decay_groups, native_bf16
 
 __all__ = [name for name in dir() if not name.startswith("_")]

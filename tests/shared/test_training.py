@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -215,6 +216,40 @@ def test_the_time_budget_spans_resumes(tmp_path):
     second = run()
     assert second == {"step": first["step"], "minutes": pytest.approx(ckpt.extra["elapsed"] / 60), "stopped": "time budget"}
     assert list_checkpoints(tmp_path / "run" / "checkpoints")[-1] == ckpt.path
+
+
+def test_bf16_trains_in_float32_with_a_note_where_the_cpu_only_emulates_it(tmp_path, monkeypatch, capsys):
+    """Without native bf16 matmuls (an AVX2-only CPU) a bf16 run would be ~30x slower than float32: the engine trains
+    in float32 (the losses are bitwise those of a bf16=false run) and says so once; where bf16 is native, it autocasts."""
+    import axon_shared.training as training
+
+    cpu = torch.device("cpu")
+    if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):  # no AVX512: oneDNN has no bf16 path
+        assert not training.native_bf16(cpu)
+
+    def losses(name: str, bf16: bool) -> list[float]:
+        cfg = toy_config(tmp_path / name, steps=3, log_every=1, bf16=bf16)
+        fit_toy(cfg, ema=False)
+        return [row["train/loss"] for row in read_metrics(tmp_path / name / "metrics.jsonl") if "train/loss" in row]
+
+    seen: list[torch.dtype] = []
+
+    def recording_loss(model, rows):
+        out = model(rows[:, :4])
+        seen.append(out.dtype)
+        return torch.nn.functional.mse_loss(out.float(), rows[:, 4:]), {}
+
+    monkeypatch.setattr(training, "native_bf16", lambda device: False)
+    assert losses("emulated", True) == losses("fp32", False)
+    assert capsys.readouterr().out.count("has no native bfloat16 matmul") == 1
+    cfg = toy_config(tmp_path / "native", steps=1, bf16=True)
+    for native, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(training, "native_bf16", lambda device, native=native: native)
+        seen.clear()
+        with Trainer(cfg.train, cfg, name="toy") as trainer:
+            trainer.fit(toy_model(cfg.model), loss=recording_loss, batch=lambda step, micro: DATA[:4])
+        assert seen == [dtype]
+        shutil.rmtree(tmp_path / "native")
 
 
 def test_the_progress_bar_says_what_bounds_the_run():

@@ -8,8 +8,8 @@ import torch
 import transformers
 from torch.testing import assert_close
 
-from x_llama import Llama, LlamaConfig, generate
-from x_llama.hf import from_hf, load_meta_checkpoint, save_meta_checkpoint, to_hf
+from x_llama import Llama, LlamaConfig, generate, lm_loss
+from x_llama.hf import from_hf, load_meta_checkpoint, save_meta_checkpoint, state_dict_to_hf, to_hf
 from x_llama.rope import permute_for_half
 
 
@@ -45,6 +45,26 @@ def test_from_hf_logits_match(n_kv_heads):
         expected = hf_model(tokens).logits
         actual = model(tokens)
     assert_close(actual, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("n_kv_heads", [8, 2, 1], ids=["MHA", "GQA", "MQA"])
+def test_training_loss_and_every_gradient_match(n_kv_heads):
+    """Training, not only inference: the loss and the gradient of every parameter against transformers' autograd
+    (ours mapped to HF's names and RoPE layout by the same function that maps the weights), so a backward that
+    diverged from the forward's maths (a custom autograd function, a detached tensor) would show."""
+    hf_model = random_hf_llama(n_kv_heads, seed=3).train()
+    model = from_hf(hf_model).train()
+    tokens = torch.randint(0, 101, (3, 41), generator=torch.Generator().manual_seed(4))
+    ours = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
+    theirs = lm_loss(hf_model(tokens[:, :-1]).logits, tokens[:, 1:])
+    ours.backward()
+    theirs.backward()
+    assert_close(ours, theirs, atol=1e-5, rtol=0)
+    grads = state_dict_to_hf({name: p.grad for name, p in model.named_parameters()}, model.config)
+    theirs_grads = dict(hf_model.named_parameters())
+    assert grads.keys() == theirs_grads.keys()
+    for name, grad in grads.items():
+        assert_close(grad, theirs_grads[name].grad, atol=1e-6, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("n_kv_heads", [8, 2, 1], ids=["MHA", "GQA", "MQA"])

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from axon_shared.checkpoint import run_checkpoints
+from axon_shared.training import bf16_autocast
 
 from .config import AblateConfig, TrainConfig
 from .data import batch_at, build_tokenizer, share_token_caches, step_seed, token_stream
@@ -121,7 +122,7 @@ def _time_baseline_step(cfg: AblateConfig, warmup: int = 3, timed: int = 8) -> f
     elapsed = 0.0
     for index in range(warmup + timed):
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with bf16_autocast(torch.device("cpu"), cfg.bf16):
             loss = lm_loss(model(tokens[:, :-1]), tokens[:, 1:])
         loss.backward()
         optimizer.step()
