@@ -538,7 +538,10 @@ def native_bf16(device: torch.device) -> bool:
     scalar loop: 0.93 against 144 GFLOP/s in float32 on a 2-core AMD EPYC (AVX2), measured 2026-12-06; the x_llama
     `cpu` preset trained at 98 tokens/s under bf16 autocast against 2,934 in float32 there."""
     if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a torch built without oneDNN: no fast bf16 kernels either
+            return False
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     return True
