@@ -6,7 +6,11 @@ off by one step or a changed batch all show up here.
 On the machines that recorded them the values are equal bit for bit. Another CPU may pick other matrix kernels (one
 with AMX, 2026-12-05, did) and round differently: there they differ by float32 rounding, at most 1.0e-6 relative
 (PPO's near-zero policy loss: 6.9e-8 absolute). So the check allows 1e-5 relative plus 1e-6 absolute. An lr changed
-by 0.1% moves x_llama's losses by up to 6e-5 relative (3.5e-4 absolute), well outside it."""
+by 0.1% moves x_llama's losses by up to 6e-5 relative (3.5e-4 absolute), well outside it.
+
+A CPU with AVX2 only (2026-12-06) rounds the transformer's first steps differently too (7e-8 at step 3), but 20 steps
+amplify that to 2.5e-5 by step 20: for it the record holds that machine's transformer losses, recorded there with the
+code of the last re-recording (`losses_by_cpu`), which this test then uses with the same tolerance."""
 
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ from torch.testing import assert_close
 
 from axon_shared.metrics import read_metrics
 
-RECORDED = json.loads((Path(__file__).parent / "regression" / "tiny_losses.json").read_text())["losses"]
+_RECORD = json.loads((Path(__file__).parent / "regression" / "tiny_losses.json").read_text())
+# a CPU family whose kernels round differently enough to be amplified past the tolerance keeps its own values
+RECORDED = _RECORD["losses"] | _RECORD["losses_by_cpu"].get(torch.backends.cpu.get_cpu_capability(), {})
 QUIET = dict(log_every=1, eval_every=1000, checkpoint_every=1000, progress=False)
 
 
