@@ -144,7 +144,7 @@ class Trainer:
         if section.bf16 and not native_bf16(self.ctx.device):  # bf16_autocast then runs float32
             print(
                 f"{name}: train.bf16 is on, but this {self.ctx.device.type} has no native bfloat16 matmul ({_bf16_hardware(self.ctx.device)}), "
-                "where bf16 runs ~30x slower than float32: training in float32. --train.bf16 false says so and silences this note"
+                "where bf16 runs ~30x slower than float32: training in float32 (--train.bf16 false says so and silences this note)"
             )
         self._lock = None
         try:
